@@ -1,0 +1,201 @@
+"""Typed view of params.yaml: one frozen dataclass per section, validated at start-up.
+
+A misspelt key, a wrong type or an unknown choice fails before any work starts, with a
+message that names the key and the valid options (``dvc exp run -S`` only overrides keys
+that already exist, so every key has its default in params.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cvplay.errors import CvplayError
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(CvplayError):
+    """params.yaml holds a key, type or value the pipeline cannot use."""
+
+
+SCHEDULERS = ("plateau", "onecycle", "none")
+OPTIMIZERS = ("sgd", "adamw")
+LOADERS = ("packed", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "cifar10" (official archive, data/raw/cifar-10-python.tar.gz or downloaded) or a path
+    # to an ImageFolder root holding train/<class>/* and test/<class>/*.
+    source: str = "cifar10"
+    # Validation images held out of the training set: a count (int) or a fraction (float < 1).
+    val_split: int | float = 5000
+    # Keep only this many training images per class (null = all): quick runs on real data.
+    max_per_class: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    scheduler: str = "onecycle"
+    # ReduceLROnPlateau settings (scheduler: plateau), on val loss as in the notebook.
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    label_smoothing: float = 0.0
+    # "packed": uint8 tensors resident on the device, batch augmentation by indexing.
+    # "folder": torchvision ImageFolder + per-sample transforms in DataLoader workers.
+    loader: str = "packed"
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    # BatchNorm in the conv models (ignored by mlp, which has no conv layers).
+    use_bn: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str = "simplecnn"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model_args: ModelArgs = field(default_factory=ModelArgs)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:  # YAML writes 1 for 1.0; bool is an int subclass and never a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _key_path(where: str, key: str) -> str:
+    # where is "" at the top level, else the section name: "train" + "epochs" -> "train.epochs"
+    return f"{where}.{key}" if where else key
+
+
+def _build(cls: type, raw: Any, where: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE}: {where or 'top level'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = _key_path(where, str(key))
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{PARAMS_FILE}: {path}: unknown key; {hint}valid keys: {', '.join(valid)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+            continue
+        if not _matches(value, tp):
+            raise ConfigError(f"{PARAMS_FILE}: {path}: expected {_type_name(tp)}, got {value!r}")
+        kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _choice(value: str, valid: tuple[str, ...] | list[str], key: str) -> None:
+    if value not in valid:
+        raise ConfigError(
+            f"{PARAMS_FILE}: {key}: unknown choice {value!r}; choose one of: {', '.join(valid)}"
+        )
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{PARAMS_FILE}: {key}: {message}")
+
+
+def validate(params: Params) -> Params:
+    """Choices and ranges that types alone don't catch."""
+    from cvplay.models import MODELS  # late: models import torch, config stays light
+
+    _choice(params.model, sorted(MODELS), "model")
+    d, t = params.data, params.train
+    _check(
+        (isinstance(d.val_split, int) and d.val_split >= 1)
+        or (isinstance(d.val_split, float) and 0 < d.val_split < 1),
+        "data.val_split",
+        f"must be a count >= 1 or a fraction between 0 and 1, got {d.val_split!r}",
+    )
+    _check(
+        d.max_per_class is None or d.max_per_class >= 1,
+        "data.max_per_class",
+        "must be null (all images) or >= 1",
+    )
+    _check(bool(d.source.strip()), "data.source", "must be 'cifar10' or a folder path")
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    _check(0 < t.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)")
+    _check(t.plateau_patience >= 0, "train.plateau_patience", "must be >= 0")
+    _check(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+    _choice(t.scheduler, SCHEDULERS, "train.scheduler")
+    _choice(t.loader, LOADERS, "train.loader")
+    _check(params.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    return params
+
+
+def parse_params(raw: Any) -> Params:
+    return validate(_build(Params, raw))
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    return parse_params(raw)
+
+
+def params_from_dict(resolved: dict[str, Any]) -> Params:
+    """Rebuild Params from a checkpoint's saved config (same validation)."""
+    return parse_params(resolved)

@@ -1,0 +1,210 @@
+"""Loading the prepared data for training and evaluation.
+
+Two loaders yield the same thing, batches of normalised float images and int64 labels on
+the training device:
+
+- ``packed`` (default): the split's uint8 tensor (``data/packed/<split>.pt``) is loaded
+  onto the device once; every batch is cropped, flipped and normalised there by tensor
+  indexing, so no per-sample Python runs and nothing is decoded after the first load.
+- ``folder``: torchvision ``ImageFolder`` over the PNG tree with per-sample transforms in
+  DataLoader workers, as the notebook did (any user dataset, any image size).
+
+Both see the images in the same order (class, then file name), so ``split_indices`` gives
+the same train/val split for either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from cvplay.errors import CvplayError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+PAD = 4  # RandomCrop(32, padding=4)
+
+
+class PreparedDataError(CvplayError):
+    """Prepared data under data/ is missing or stale."""
+
+
+def train_transform() -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=PAD),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ]
+    )
+
+
+def eval_transform() -> transforms.Compose:
+    return transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    )
+
+
+def resolve_val_count(n: int, val_split: int | float) -> int:
+    count = round(n * val_split) if isinstance(val_split, float) else val_split
+    if not 1 <= count < n:
+        raise CvplayError(
+            f"params.yaml: data.val_split: {val_split!r} gives {count} validation images "
+            f"out of {n} training images; use a count between 1 and {n - 1} or a fraction"
+        )
+    return count
+
+
+def split_indices(n: int, val_split: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train/val indices from a fixed ``torch.Generator`` seeded with ``seed``."""
+    n_val = resolve_val_count(n, val_split)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+@dataclass
+class Packed:
+    images: torch.Tensor  # N x 3 x H x W uint8
+    labels: torch.Tensor  # N int64
+    classes: list[str]
+
+
+def load_packed(path: str | Path) -> Packed:
+    path = Path(path)
+    if not path.exists():
+        raise PreparedDataError(f"{path}: not found; run 'dvc repro prepare' first")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return Packed(payload["images"], payload["labels"], list(payload["classes"]))
+
+
+class Normalize:
+    """uint8 N x 3 x H x W on the device -> normalised float32, in one fused expression."""
+
+    def __init__(self, device: torch.device):
+        mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std == x * scale + shift
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+def crop_flip(
+    padded: torch.Tensor, idx: torch.Tensor, generator: torch.Generator, size: int = 32
+) -> torch.Tensor:
+    """Random ``size`` crops of zero-padded images ``padded[idx]``, each flipped with p=0.5.
+
+    One gather: every output pixel's row and column are computed per sample, with the flip
+    folded into the column index. Same distribution as RandomCrop(padding) + RandomHorizontalFlip.
+    """
+    b, dev = idx.numel(), padded.device
+    span = padded.shape[-1] - size + 1
+    offsets = torch.randint(0, span, (2, b), device=dev, generator=generator)
+    flip = torch.rand(b, device=dev, generator=generator) < 0.5
+    ar = torch.arange(size, device=dev)
+    rows = offsets[0, :, None] + ar  # b x size
+    cols = offsets[1, :, None] + torch.where(flip[:, None], size - 1 - ar, ar)
+    ch = torch.arange(padded.shape[1], device=dev)
+    return padded[
+        idx[:, None, None, None],
+        ch[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+class PackedLoader:
+    """Batches from a device-resident uint8 tensor; augmentation by indexing on the device."""
+
+    def __init__(
+        self,
+        packed: Packed,
+        indices: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device,
+        train: bool,
+        seed: int,
+    ):
+        self.images = packed.images.to(device)
+        if train:  # pad once up front, not per batch
+            self.images = torch.nn.functional.pad(self.images, (PAD, PAD, PAD, PAD))
+        self.labels = packed.labels.to(device)
+        self.indices = indices.to(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.drop_last = train and len(indices) > batch_size  # no size-1 BatchNorm batches
+        self.normalize = Normalize(device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices
+        if self.train:
+            perm = torch.randperm(len(order), device=order.device, generator=self.generator)
+            order = order[perm]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = crop_flip(self.images, idx, self.generator) if self.train else self.images[idx]
+            yield self.normalize(x), self.labels[idx]
+
+
+class DeviceLoader:
+    """Wrap a DataLoader so batches arrive on the device (non-blocking from pinned memory)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _image_folder(root: Path, transform) -> datasets.ImageFolder:
+    if not root.is_dir():
+        raise PreparedDataError(f"{root}: not found; run 'dvc repro prepare' first")
+    return datasets.ImageFolder(str(root), transform=transform)
+
+
+def folder_loader(
+    root: Path,
+    indices: torch.Tensor | None,
+    *,
+    batch_size: int,
+    device: torch.device,
+    train: bool,
+    seed: int,
+    num_workers: int,
+) -> DeviceLoader:
+    dataset = _image_folder(root, train_transform() if train else eval_transform())
+    subset = Subset(dataset, indices.tolist()) if indices is not None else dataset
+    loader = DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(subset) > batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        # Shuffling and each worker's augmentation seed derive from this generator.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return DeviceLoader(loader, device)
+
+
+def classes_of(data_dir: Path) -> list[str]:
+    return load_packed(data_dir / "packed" / "train.pt").classes

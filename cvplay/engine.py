@@ -1,0 +1,199 @@
+"""Training and evaluation loops.
+
+The loops never call ``.item()`` per batch: loss sums and correct counts stay on the device
+and are read once per epoch (a host sync per batch stalls a GPU and costs on CPU too).
+Losses and accuracies are averaged over samples, not over batch means.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cvplay.config import TrainConfig
+from cvplay.io import atomic_path
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def accuracy_top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of samples whose arg-max logit is the target (a 0-d tensor, no host sync)."""
+    return (logits.argmax(dim=1) == targets).float().mean()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Schedule:
+    """The LR scheduler and when it steps: per batch (onecycle) or per epoch on val loss."""
+
+    scheduler: Any = None
+    per_batch: bool = False
+
+    def after_batch(self) -> None:
+        if self.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, val_loss: float) -> None:
+        if self.scheduler is not None and not self.per_batch:
+            self.scheduler.step(val_loss)
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> Schedule:
+    if cfg.scheduler == "plateau":
+        return Schedule(
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            )
+        )
+    if cfg.scheduler == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=cfg.epochs * steps_per_epoch,
+            pct_start=0.25,
+        )
+        return Schedule(sched, per_batch=True)
+    return Schedule()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    schedule: Schedule,
+    *,
+    desc: str = "train",
+) -> dict[str, float]:
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    seen = 0
+    # tqdm draws only on a terminal (disable=None); logs get one line per epoch from fit.
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        if seen == 0:
+            loss_sum, correct = loss_sum.to(x.device), correct.to(x.device)
+        logits = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.after_batch()
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+    seen = max(seen, 1)
+    # .item() syncs the device: once per epoch, not per batch.
+    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+    """All logits and labels of a loader, gathered on the device and moved to the CPU once."""
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x).float())
+        labels.append(y)
+    return torch.cat(outs).cpu(), torch.cat(labels).cpu()
+
+
+def validate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
+    logits, labels = predict_logits(model, loader)
+    loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
+    return {"loss": loss, "acc": accuracy_top1(logits, labels).item()}
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = -1.0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0
+
+
+def save_checkpoint(path: Path, model: nn.Module, epoch: int, meta: dict[str, Any]) -> None:
+    """state_dict + epoch + the resolved config (``meta``), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "epoch": epoch, **meta}, tmp)
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: Path,
+    checkpoint_meta: dict[str, Any],
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``."""
+    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule(optimizer, cfg, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    result = FitResult()
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(
+            model, train_loader, optimizer, criterion, schedule, desc=f"epoch {epoch}/{cfg.epochs}"
+        )
+        va = validate(model, val_loader)
+        schedule.after_epoch(va["loss"])
+        row = {
+            "epoch": epoch,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "val_loss": va["loss"],
+            "val_acc": va["acc"],
+            "lr": lr,
+            "seconds": time.perf_counter() - start,
+        }
+        result.history.append(row)
+        if va["acc"] > result.best_val_acc:
+            result.best_epoch, result.best_val_acc, result.best_val_loss = (
+                epoch,
+                va["acc"],
+                va["loss"],
+            )
+            save_checkpoint(checkpoint_dir / "best.pt", model, epoch, checkpoint_meta)
+        if on_epoch is not None:
+            on_epoch(row)
+    save_checkpoint(checkpoint_dir / "last.pt", model, cfg.epochs, checkpoint_meta)
+    result.train_seconds = time.perf_counter() - start
+    return result

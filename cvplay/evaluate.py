@@ -1,0 +1,77 @@
+"""The evaluate stage: score ``models/best.pt`` on the test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cvplay import paths
+from cvplay.config import Params, params_from_dict
+from cvplay.data import PackedLoader, load_packed
+from cvplay.engine import pick_device, predict_logits
+from cvplay.errors import CvplayError
+from cvplay.io import write_json
+from cvplay.models import build_model
+from cvplay.plots import plot_confusion, write_confusion_pairs
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[torch.nn.Module, Params, dict]:
+    """Rebuild the model a checkpoint was trained as; tensors and plain data only."""
+    if not path.exists():
+        raise CvplayError(f"{path}: not found; run 'dvc repro train' first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code with UnpicklingError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CvplayError(f"{path}: not a cvplay checkpoint or unsafe to load ({first})") from None
+    cfg = params_from_dict(ckpt["config"])
+    model = build_model(
+        cfg.model, num_classes=len(ckpt["classes"]), model_args=ckpt["config"]["model_args"]
+    )
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), cfg, ckpt
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
+
+
+def run_evaluate(params: Params) -> dict:
+    device = pick_device()
+    model, cfg, ckpt = load_checkpoint(paths.BEST, device)
+    if cfg.model != params.model:
+        raise CvplayError(
+            f"{paths.BEST}: trained as model {cfg.model!r} but params.yaml says {params.model!r}; "
+            "run 'dvc repro' to retrain"
+        )
+    test = load_packed(paths.PACKED_TEST)
+    classes = ckpt["classes"]
+    if test.classes != classes:
+        raise CvplayError(
+            f"{paths.PACKED_TEST}: classes {test.classes} differ from the checkpoint's {classes}; "
+            "run 'dvc repro' to retrain on the prepared data"
+        )
+    loader = PackedLoader(
+        test,
+        torch.arange(len(test.labels)),
+        batch_size=params.eval.batch_size,
+        device=device,
+        train=False,
+        seed=cfg.seed,
+    )
+    logits, labels = predict_logits(model, loader)
+    preds = logits.argmax(1)
+    n = len(classes)
+    cm = confusion_matrix(labels, preds, n)
+    per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
+    metrics = {
+        "test_acc": (preds == labels).float().mean().item(),
+        "test_loss": torch.nn.functional.cross_entropy(logits, labels).item(),
+        "best_epoch": ckpt["epoch"],
+        "per_class_acc": {c: round(a, 4) for c, a in zip(classes, per_class, strict=True)},
+    }
+    write_json(paths.METRICS_EVAL, metrics)
+    write_confusion_pairs(paths.CONFUSION_CSV, labels, preds, classes)
+    plot_confusion(cm, classes, paths.CONFUSION_PNG)
+    return metrics

@@ -1,0 +1,185 @@
+"""Model registry and the notebook's scratch models (MLP, SimpleCNN, SimpleResNet, MiniVGG).
+
+Builders take keyword-only arguments and always ``num_classes``; ``build_model`` passes a
+builder only the ``model_args`` it declares (``use_bn`` means nothing to the MLP).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from cvplay.errors import CvplayError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return wrap
+
+
+def build_model(name: str, *, num_classes: int, model_args: dict[str, Any]) -> nn.Module:
+    if name not in MODELS:
+        valid = ", ".join(sorted(MODELS))
+        raise CvplayError(f"params.yaml: model: unknown model {name!r}; choose one of: {valid}")
+    builder = MODELS[name]
+    accepted = inspect.signature(builder).parameters
+    kwargs = {k: v for k, v in model_args.items() if k in accepted}
+    return builder(num_classes=num_classes, **kwargs)
+
+
+def _conv_bn_relu(c_in: int, c_out: int, use_bn: bool, stride: int = 1) -> list[nn.Module]:
+    # With BatchNorm the conv bias is redundant (BN's shift replaces it).
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not use_bn)]
+    if use_bn:
+        layers.append(nn.BatchNorm2d(c_out))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class MLPBaseline(nn.Module):
+    """Flatten -> two hidden fully connected layers with ReLU -> logits."""
+
+    def __init__(self, *, num_classes: int, in_features: int = 3 * 32 * 32, hidden=(1024, 512)):
+        super().__init__()
+        h1, h2 = hidden
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, h1),
+            nn.ReLU(inplace=True),
+            nn.Linear(h1, h2),
+            nn.ReLU(inplace=True),
+            nn.Linear(h2, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConvBlock(nn.Sequential):
+    """Conv3x3 + BN + ReLU, then 2x2 max-pooling."""
+
+    def __init__(self, c_in: int, c_out: int, *, use_bn: bool):
+        super().__init__(*_conv_bn_relu(c_in, c_out, use_bn), nn.MaxPool2d(2))
+
+
+class SimpleCNN(nn.Module):
+    """Three ConvBlocks (32x32 -> 4x4) and a linear head."""
+
+    def __init__(self, *, num_classes: int, use_bn: bool = True, widths=(32, 64, 128)):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.features = nn.Sequential(
+            ConvBlock(3, c1, use_bn=use_bn),
+            ConvBlock(c1, c2, use_bn=use_bn),
+            ConvBlock(c2, c3, use_bn=use_bn),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c3 * 4 * 4, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with an identity shortcut (1x1 conv when shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, *, stride: int, use_bn: bool):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn_relu(c_in, c_out, use_bn, stride=stride),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=not use_bn),
+            *([nn.BatchNorm2d(c_out)] if use_bn else []),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not use_bn),
+                *([nn.BatchNorm2d(c_out)] if use_bn else []),
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class SimpleResNet(nn.Module):
+    """Stem conv, three residual stages (the 2nd and 3rd halve the size), global pool, FC."""
+
+    def __init__(
+        self, *, num_classes: int, use_bn: bool = True, widths=(32, 64, 128), blocks: int = 2
+    ):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn_relu(3, widths[0], use_bn))
+        stages = []
+        c_in = widths[0]
+        for i, c_out in enumerate(widths):
+            for b in range(blocks):
+                stride = 2 if (i > 0 and b == 0) else 1
+                stages.append(ResidualBlock(c_in, c_out, stride=stride, use_bn=use_bn))
+                c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+class VGGBlock(nn.Sequential):
+    """Several Conv3x3 + BN + ReLU, then 2x2 max-pooling."""
+
+    def __init__(self, c_in: int, c_out: int, *, convs: int, use_bn: bool):
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers += _conv_bn_relu(c_in if i == 0 else c_out, c_out, use_bn)
+        super().__init__(*layers, nn.MaxPool2d(2))
+
+
+class MiniVGG(nn.Module):
+    """Three VGGBlocks of two convs each (64, 128, 256 channels), global pool, linear head."""
+
+    def __init__(self, *, num_classes: int, use_bn: bool = True, widths=(64, 128, 256)):
+        super().__init__()
+        blocks, c_in = [], 3
+        for c_out in widths:
+            blocks.append(VGGBlock(c_in, c_out, convs=2, use_bn=use_bn))
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+@register("mlp")
+def mlp(*, num_classes: int = 10) -> nn.Module:
+    return MLPBaseline(num_classes=num_classes)
+
+
+@register("simplecnn")
+def simplecnn(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
+    return SimpleCNN(num_classes=num_classes, use_bn=use_bn)
+
+
+@register("simpleresnet")
+def simpleresnet(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
+    return SimpleResNet(num_classes=num_classes, use_bn=use_bn)
+
+
+@register("minivgg")
+def minivgg(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
+    return MiniVGG(num_classes=num_classes, use_bn=use_bn)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

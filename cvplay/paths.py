@@ -1,0 +1,18 @@
+"""Where each stage reads and writes, relative to the project root (dvc.yaml names the same)."""
+
+from pathlib import Path
+
+DATA = Path("data")
+PACKED_TRAIN = DATA / "packed" / "train.pt"
+PACKED_TEST = DATA / "packed" / "test.pt"
+TRAIN_DIR = DATA / "train"
+TEST_DIR = DATA / "test"
+MODELS = Path("models")
+BEST = MODELS / "best.pt"
+LAST = MODELS / "last.pt"
+METRICS_TRAIN = Path("metrics") / "train.json"
+METRICS_EVAL = Path("metrics") / "eval.json"
+HISTORY_CSV = Path("plots") / "train" / "history.csv"
+CURVES_PNG = Path("plots") / "train" / "curves.png"
+CONFUSION_CSV = Path("plots") / "eval" / "confusion.csv"
+CONFUSION_PNG = Path("plots") / "eval" / "confusion.png"
