@@ -1,0 +1,271 @@
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets
+
+from cvplay import prepare as prep
+from cvplay.data import (
+    Normalize,
+    PackedLoader,
+    crop_flip,
+    eval_transform,
+    folder_loader,
+    load_packed,
+    split_indices,
+    train_transform,
+)
+from cvplay.errors import CvplayError
+from tests.conftest import CLASSES, make_image_folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prep.prepare(str(tiny_folder), max_per_class=None, out_dir=out, workers=1)
+    return out
+
+
+def test_prepare_writes_png_tree_packed_tensors_and_report(prepared):
+    train = datasets.ImageFolder(str(prepared / "train"))
+    assert train.classes == CLASSES
+    # 12 per class + the grayscale and RGBA extras; notes.txt ignored
+    assert len(train) == 12 * 10 + 2
+    for path, _ in train.samples[:5] + train.samples[-5:]:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (32, 32)
+    packed = load_packed(prepared / "packed" / "train.pt")
+    assert packed.images.dtype == torch.uint8 and packed.images.shape == (122, 3, 32, 32)
+    assert packed.classes == CLASSES
+    # The packed tensor holds exactly the PNG tree's pixels, in ImageFolder's order.
+    for i in (0, 37, 121):
+        png = np.asarray(Image.open(train.samples[i][0]))
+        assert np.array_equal(packed.images[i].permute(1, 2, 0).numpy(), png)
+        assert packed.labels[i].item() == train.samples[i][1]
+    test = load_packed(prepared / "packed" / "test.pt")
+    assert test.images.shape == (41, 3, 32, 32)  # 4 per class + the 40x40 image, resized
+    report = (prepared / "prepare_report.json").read_text()
+    assert '"images": 122' in report
+
+
+def test_max_per_class_keeps_the_first_n_train_images_only(tiny_folder, tmp_path):
+    report = prep.prepare(str(tiny_folder), max_per_class=3, out_dir=tmp_path, workers=1)
+    assert report["train"]["per_class"] == [3] * 10
+    assert report["test"]["images"] == 41
+    kept = sorted(p.name for p in (tmp_path / "train" / "class0").iterdir())
+    assert kept == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_pool_and_inline_decoding_agree(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "_POOL_MIN_IMAGES", 1)
+    pooled = prep.read_image_folder(tiny_folder, workers=2)
+    monkeypatch.setattr(prep, "_POOL_MIN_IMAGES", 10**9)
+    inline = prep.read_image_folder(tiny_folder, workers=1)
+    assert np.array_equal(pooled["train"].images, inline["train"].images)
+
+
+def _fails_cleanly(source: Path, out: Path, message: str) -> None:
+    with pytest.raises(CvplayError) as err:
+        prep.prepare(str(source), max_per_class=None, out_dir=out, workers=1)
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+    # Nothing half-written: no split folder, no packed file, no report.
+    assert not (out / "train").exists() and not (out / "packed").exists()
+    assert not (out / "prepare_report.json").exists()
+
+
+def test_missing_source(tmp_path):
+    _fails_cleanly(tmp_path / "nowhere", tmp_path / "data", "nowhere does not exist")
+
+
+def test_source_without_test_folder(tmp_path):
+    (tmp_path / "src" / "train" / "a").mkdir(parents=True)
+    _fails_cleanly(tmp_path / "src", tmp_path / "data", "has no test/ folder")
+
+
+def test_empty_class_folder(tmp_path):
+    src = make_image_folder(tmp_path / "src", train_per_class=1, test_per_class=1)
+    for f in (src / "test" / "class3").iterdir():
+        f.unlink()
+    _fails_cleanly(src, tmp_path / "data", "class3: empty class folder")
+
+
+def test_different_class_sets(tmp_path):
+    src = make_image_folder(tmp_path / "src", train_per_class=1, test_per_class=1)
+    (src / "test" / "class9").rename(src / "test" / "zebra")
+    _fails_cleanly(src, tmp_path / "data", "only in train: ['class9']; only in test: ['zebra']")
+
+
+def test_undecodable_image_is_named(tmp_path):
+    src = make_image_folder(tmp_path / "src", train_per_class=2, test_per_class=1)
+    bad = src / "train" / "class4" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _fails_cleanly(src, tmp_path / "data", f"{bad}: cannot decode image")
+
+
+def test_truncated_jpeg_is_named(tmp_path):
+    src = make_image_folder(tmp_path / "src", train_per_class=2, test_per_class=1)
+    good = src / "train" / "class5" / "000.jpg"
+    good.write_bytes(good.read_bytes()[:200])
+    _fails_cleanly(src, tmp_path / "data", f"{good}: cannot decode image")
+
+
+def test_offline_cifar10_says_where_to_put_the_archive(tmp_path, monkeypatch):
+    # A real download attempt against a port nothing listens on: the offline failure path.
+    monkeypatch.setattr(prep, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(CvplayError) as err:
+        prep.prepare("cifar10", max_per_class=None, out_dir=tmp_path / "data", workers=1)
+    msg = str(err.value)
+    assert "put cifar-10-python.tar.gz" in msg and str(tmp_path / "data" / "raw") in msg
+    assert "data.source=../shared/data/cifar10-jpg" in msg
+    assert not (tmp_path / "data" / "raw" / "cifar-10-python.tar.gz").exists()
+
+
+def test_corrupt_archive_is_refused(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "cifar-10-python.tar.gz").write_bytes(b"garbage")
+    with pytest.raises(CvplayError, match="checksum mismatch"):
+        prep.prepare("cifar10", max_per_class=None, out_dir=tmp_path / "data", workers=1)
+
+
+def test_reads_the_official_archive_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    archive = tmp_path / "cifar.tar.gz"
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+
+    def add(tar, name, obj):
+        data = pickle.dumps(obj)
+        info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(archive, "w:gz") as tar:
+        add(tar, "batches.meta", {"label_names": names})
+        for i in range(1, 6):
+            add(
+                tar,
+                f"data_batch_{i}",
+                {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [i, 0, 1, 2]},
+            )
+        add(
+            tar,
+            "test_batch",
+            {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [9, 8, 7]},
+        )
+    splits = prep.read_cifar10_archive(archive)
+    assert splits["train"].images.shape == (20, 32, 32, 3)
+    assert splits["train"].labels[:4].tolist() == [1, 0, 1, 2]
+    assert splits["test"].classes == names and splits["test"].labels.tolist() == [9, 8, 7]
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    tr1, va1 = split_indices(50000, 5000, seed=42)
+    tr2, va2 = split_indices(50000, 5000, seed=42)
+    tr3, _ = split_indices(50000, 5000, seed=43)
+    assert torch.equal(tr1, tr2) and torch.equal(va1, va2)
+    assert not torch.equal(tr1, tr3)
+    assert len(tr1) == 45000 and len(va1) == 5000
+    assert len(set(tr1.tolist()) | set(va1.tolist())) == 50000
+    assert len(split_indices(1000, 0.1, seed=0)[1]) == 100
+
+
+def test_val_split_larger_than_train_set_is_an_error():
+    with pytest.raises(
+        CvplayError, match=r"data\.val_split: 5000 gives 5000 validation images out of 500"
+    ):
+        split_indices(500, 5000, seed=0)
+
+
+def test_normalize_matches_torchvision():
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ours = Normalize(torch.device("cpu"))(x)
+    theirs = torch.stack([eval_transform()(Image.fromarray(i.permute(1, 2, 0).numpy())) for i in x])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_crop_flip_produces_valid_crops_of_the_padded_image():
+    torch.manual_seed(0)
+    x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    out = crop_flip(padded, torch.arange(64), torch.Generator().manual_seed(1))
+    for i in range(64):
+        candidates = [
+            padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)
+        ]
+        candidates += [c.flip(-1) for c in candidates]
+        assert any(torch.equal(out[i], c) for c in candidates)
+
+
+def test_crop_flip_has_torchvision_randomcrop_flip_distribution():
+    # Statistics of where a marked pixel lands: offsets uniform over 9x9, flips ~ 1/2,
+    # compared with torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip.
+    n = 4000
+    img = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    img[0, 0, 16, 10] = 255
+    padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
+    ours = crop_flip(padded, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    tf = train_transform().transforms[:2]
+    pil = Image.fromarray(img[0].permute(1, 2, 0).numpy())
+    theirs = torch.stack(
+        [torch.from_numpy(np.array(tf[1](tf[0](pil)))).permute(2, 0, 1) for _ in range(n)]
+    )
+
+    def positions(batch):
+        hit = batch[:, 0] == 255
+        visible = hit.flatten(1).any(1)
+        rows = hit.any(2).float().argmax(1)[visible]
+        cols = hit.any(1).float().argmax(1)[visible]
+        return visible.float().mean(), rows.float(), cols.float()
+
+    v1, r1, c1 = positions(ours)
+    v2, r2, c2 = positions(theirs)
+    assert abs(v1 - v2) < 0.03
+    assert abs(r1.mean() - r2.mean()) < 0.2 and abs(r1.std() - r2.std()) < 0.2
+    # Flip sends column 10 (+offset) to the right half: both halves equally likely.
+    assert abs((c1 > 15.5).float().mean() - (c2 > 15.5).float().mean()) < 0.04
+    assert abs(c1.std() - c2.std()) < 0.5
+
+
+def test_packed_and_folder_loaders_give_the_same_val_batches(prepared):
+    packed = load_packed(prepared / "packed" / "train.pt")
+    _, val_idx = split_indices(len(packed.labels), 20, seed=0)
+    cpu = torch.device("cpu")
+    a = PackedLoader(packed, val_idx, batch_size=8, device=cpu, train=False, seed=0)
+    b = folder_loader(
+        prepared / "train", val_idx, batch_size=8, device=cpu, train=False, seed=0, num_workers=0
+    )
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb)
+        assert torch.allclose(xa, xb, atol=1e-5)
+
+
+def test_packed_train_loader_is_seeded_and_drops_the_last_partial_batch(prepared):
+    packed = load_packed(prepared / "packed" / "train.pt")
+    idx = torch.arange(len(packed.labels))
+    cpu = torch.device("cpu")
+    runs = []
+    for _ in range(2):
+        loader = PackedLoader(packed, idx, batch_size=16, device=cpu, train=True, seed=3)
+        runs.append([(x.clone(), y.clone()) for x, y in loader])
+    assert len(runs[0]) == len(packed.labels) // 16
+    assert all(x.shape == (16, 3, 32, 32) for x, _ in runs[0])
+    for (x1, y1), (x2, y2) in zip(*runs, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

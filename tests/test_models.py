@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+
+from cvplay.errors import CvplayError
+from cvplay.models import MODELS, build_model, count_parameters, register
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("use_bn", [True, False])
+def test_every_model_forwards_and_steps(name, use_bn):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, model_args={"use_bn": use_bn})
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (4, 7)
+    assert torch.isfinite(out).all()
+    loss = nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["simplecnn", "simpleresnet", "minivgg"])
+def test_use_bn_switches_batchnorm_in_conv_models(name):
+    with_bn = build_model(name, num_classes=10, model_args={"use_bn": True})
+    without = build_model(name, num_classes=10, model_args={"use_bn": False})
+    assert any(isinstance(m, nn.BatchNorm2d) for m in with_bn.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in without.modules())
+    # Without BN the convs carry their own bias.
+    assert all(m.bias is not None for m in without.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_mlp_is_flatten_two_hidden_layers_and_logits():
+    model = build_model("mlp", num_classes=10, model_args={"use_bn": True})
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3 and linears[0].in_features == 3 * 32 * 32
+    assert linears[-1].out_features == 10
+
+
+def test_registry_refuses_duplicates_and_names_valid_models():
+    with pytest.raises(ValueError, match="already registered"):
+        register("mlp")(lambda **_: nn.Identity())
+    with pytest.raises(CvplayError, match="choose one of: minivgg, mlp, simplecnn"):
+        build_model("vgg99", num_classes=10, model_args={})
+
+
+def test_parameter_counts_grow_from_mlp_to_minivgg():
+    counts = {n: count_parameters(build_model(n, num_classes=10, model_args={})) for n in MODELS}
+    assert counts["simplecnn"] < counts["simpleresnet"] < counts["minivgg"]
