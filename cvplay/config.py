@@ -68,6 +68,28 @@ class ModelArgs:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    # "imagenet" (torchvision's ResNet18_Weights.DEFAULT via the torch hub cache), a path to a
+    # ResNet18 state_dict file, or "none" (random init, for tests).
+    weights: str = "imagenet"
+    # Images are resized to this before the backbone (layer3 output: image_size/16 squared).
+    image_size: int = 64
+    # 1: features of the images; 2: also of their horizontal flips (train split only).
+    views: int = 2
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    # model=resnet18: layer4 + MLP head (512 -> hidden -> classes) with Dropout.
+    hidden: int = 256
+    dropout: float = 0.3
+    lr_head: float = 1e-3
+    lr_layer4: float = 1e-4
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 500
 
@@ -79,10 +101,25 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model_args: ModelArgs = field(default_factory=ModelArgs)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def model_kwargs(self, *, for_loading: bool = False) -> dict[str, Any]:
+        """Everything a model builder may take; build_model passes each only what it declares.
+
+        for_loading: the state_dict comes from a checkpoint, so skip loading backbone weights.
+        """
+        return {
+            **asdict(self.model_args),
+            "hidden": self.transfer.hidden,
+            "dropout": self.transfer.dropout,
+            "weights": "none" if for_loading else self.features.weights,
+            "image_size": self.features.image_size,
+        }
 
 
 def _type_name(tp: Any) -> str:
@@ -177,6 +214,15 @@ def validate(params: Params) -> Params:
     _choice(t.scheduler, SCHEDULERS, "train.scheduler")
     _choice(t.loader, LOADERS, "train.loader")
     _check(params.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    f, tr = params.features, params.transfer
+    _check(f.image_size >= 32, "features.image_size", f"must be >= 32, got {f.image_size}")
+    _check(f.views in (1, 2), "features.views", f"must be 1 or 2, got {f.views}")
+    _check(f.batch_size >= 1, "features.batch_size", "must be >= 1")
+    _check(bool(f.weights.strip()), "features.weights", "must be 'imagenet', 'none' or a path")
+    _check(tr.hidden >= 1, "transfer.hidden", "must be >= 1")
+    _check(0 <= tr.dropout < 1, "transfer.dropout", "must be in [0, 1)")
+    _check(tr.lr_head > 0 and tr.lr_layer4 > 0, "transfer.lr_head/lr_layer4", "must be > 0")
+    _check(tr.weight_decay >= 0, "transfer.weight_decay", "must be >= 0")
     return params
 
 

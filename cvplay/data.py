@@ -121,7 +121,38 @@ def crop_flip(
     ]
 
 
-class PackedLoader:
+class DeviceBatches:
+    """Batches of a device-resident dataset by index: shuffled per epoch when training.
+
+    Subclasses say how a batch of indices becomes model input (``batch``).
+    """
+
+    def __init__(self, labels, indices, *, batch_size, device, train, seed):
+        self.labels = labels.to(device)
+        self.indices = indices.to(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.drop_last = train and len(indices) > batch_size  # no size-1 BatchNorm batches
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices
+        if self.train:
+            perm = torch.randperm(len(order), device=order.device, generator=self.generator)
+            order = order[perm]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.batch(idx), self.labels[idx]
+
+
+class PackedLoader(DeviceBatches):
     """Batches from a device-resident uint8 tensor; augmentation by indexing on the device."""
 
     def __init__(
@@ -134,30 +165,17 @@ class PackedLoader:
         train: bool,
         seed: int,
     ):
+        super().__init__(
+            packed.labels, indices, batch_size=batch_size, device=device, train=train, seed=seed
+        )
         self.images = packed.images.to(device)
         if train:  # pad once up front, not per batch
             self.images = torch.nn.functional.pad(self.images, (PAD, PAD, PAD, PAD))
-        self.labels = packed.labels.to(device)
-        self.indices = indices.to(device)
-        self.batch_size = batch_size
-        self.train = train
-        self.drop_last = train and len(indices) > batch_size  # no size-1 BatchNorm batches
         self.normalize = Normalize(device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __len__(self) -> int:
-        n, b = len(self.indices), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.indices
-        if self.train:
-            perm = torch.randperm(len(order), device=order.device, generator=self.generator)
-            order = order[perm]
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = crop_flip(self.images, idx, self.generator) if self.train else self.images[idx]
-            yield self.normalize(x), self.labels[idx]
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        x = crop_flip(self.images, idx, self.generator) if self.train else self.images[idx]
+        return self.normalize(x)
 
 
 class DeviceLoader:

@@ -161,10 +161,15 @@ def fit(
     checkpoint_dir: Path,
     checkpoint_meta: dict[str, Any],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule: Schedule | None = None,
 ) -> FitResult:
-    """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``."""
-    optimizer = make_optimizer(model, cfg)
-    schedule = make_schedule(optimizer, cfg, len(train_loader))
+    """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``.
+
+    The optimizer and schedule come from ``cfg`` unless the caller brings its own.
+    """
+    optimizer = optimizer or make_optimizer(model, cfg)
+    schedule = schedule or make_schedule(optimizer, cfg, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     result = FitResult()
     start = time.perf_counter()

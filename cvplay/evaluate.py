@@ -12,8 +12,9 @@ from cvplay.data import PackedLoader, load_packed
 from cvplay.engine import pick_device, predict_logits
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
-from cvplay.models import build_model
+from cvplay.models import MODEL_INPUTS, build_model
 from cvplay.plots import plot_confusion, write_confusion_pairs
+from cvplay.transfer import FeatureLoader
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[torch.nn.Module, Params, dict]:
@@ -27,7 +28,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[torch.nn.Module, 
         raise CvplayError(f"{path}: not a cvplay checkpoint or unsafe to load ({first})") from None
     cfg = params_from_dict(ckpt["config"])
     model = build_model(
-        cfg.model, num_classes=len(ckpt["classes"]), model_args=ckpt["config"]["model_args"]
+        cfg.model, num_classes=len(ckpt["classes"]), model_args=cfg.model_kwargs(for_loading=True)
     )
     model.load_state_dict(ckpt["model"])
     return model.to(device), cfg, ckpt
@@ -45,21 +46,22 @@ def run_evaluate(params: Params) -> dict:
             f"{paths.BEST}: trained as model {cfg.model!r} but params.yaml says {params.model!r}; "
             "run 'dvc repro' to retrain"
         )
-    test = load_packed(paths.PACKED_TEST)
+    common = {"batch_size": params.eval.batch_size, "device": device, "train": False, "seed": 0}
+    if MODEL_INPUTS[cfg.model] == "features":
+        test_path = paths.FEATURES_TEST
+        loader = FeatureLoader(test_path, None, **common)
+        test_classes = loader.classes
+    else:
+        test_path = paths.PACKED_TEST
+        test = load_packed(test_path)
+        loader = PackedLoader(test, torch.arange(len(test.labels)), **common)
+        test_classes = test.classes
     classes = ckpt["classes"]
-    if test.classes != classes:
+    if test_classes != classes:
         raise CvplayError(
-            f"{paths.PACKED_TEST}: classes {test.classes} differ from the checkpoint's {classes}; "
+            f"{test_path}: classes {test_classes} differ from the checkpoint's {classes}; "
             "run 'dvc repro' to retrain on the prepared data"
         )
-    loader = PackedLoader(
-        test,
-        torch.arange(len(test.labels)),
-        batch_size=params.eval.batch_size,
-        device=device,
-        train=False,
-        seed=cfg.seed,
-    )
     logits, labels = predict_logits(model, loader)
     preds = logits.argmax(1)
     n = len(classes)

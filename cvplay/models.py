@@ -15,13 +15,19 @@ from torch import nn
 from cvplay.errors import CvplayError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+# What each model eats: "images" (normalised 32x32 batches) or "features" (the features
+# stage's frozen ResNet18 activations).
+MODEL_INPUTS: dict[str, str] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register(
+    name: str, *, inputs: str = "images"
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
         MODELS[name] = builder
+        MODEL_INPUTS[name] = inputs
         return builder
 
     return wrap
@@ -179,6 +185,22 @@ def simpleresnet(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
 @register("minivgg")
 def minivgg(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
     return MiniVGG(num_classes=num_classes, use_bn=use_bn)
+
+
+@register("resnet18", inputs="features")
+def resnet18_transfer(*, num_classes: int = 10, hidden: int = 256, dropout: float = 0.3):
+    """layer4 + MLP head on the features stage's frozen stem..layer3 activations."""
+    from cvplay.transfer import TransferHead
+
+    return TransferHead(num_classes=num_classes, hidden=hidden, dropout=dropout)
+
+
+@register("resnet18_finetune")
+def resnet18_finetune(*, num_classes: int = 10, weights: str = "none", image_size: int = 64):
+    """The whole ResNet18 (from features.weights) fine-tuned on images resized to image_size."""
+    from cvplay.transfer import FineTuneResNet18
+
+    return FineTuneResNet18(num_classes=num_classes, weights=weights, image_size=image_size)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 
 from cvplay import paths
 from cvplay.config import Params
 from cvplay.data import PackedLoader, folder_loader, load_packed, split_indices
-from cvplay.engine import FitResult, fit, pick_device, set_seed
+from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed
 from cvplay.io import write_json
-from cvplay.models import build_model, count_parameters
+from cvplay.models import MODEL_INPUTS, build_model, count_parameters
 from cvplay.plots import plot_history, write_history
+from cvplay.transfer import FeatureLoader, transfer_optimizer
 
 
 def make_loaders(params: Params, device: torch.device):
@@ -20,7 +22,11 @@ def make_loaders(params: Params, device: torch.device):
     packed = load_packed(paths.PACKED_TRAIN)
     train_idx, val_idx = split_indices(len(packed.labels), params.data.val_split, params.seed)
     t = params.train
-    if t.loader == "packed":
+    if MODEL_INPUTS[params.model] == "features":
+        common = {"batch_size": t.batch_size, "device": device, "seed": params.seed}
+        train = FeatureLoader(paths.FEATURES_TRAIN, train_idx, train=True, **common)
+        val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
+    elif t.loader == "packed":
         common = {"batch_size": t.batch_size, "device": device, "seed": params.seed}
         train = PackedLoader(packed, train_idx, train=True, **common)
         val = PackedLoader(packed, val_idx, train=False, **common)
@@ -48,9 +54,15 @@ def run_train(params: Params) -> FitResult:
     set_seed(params.seed)
     device = pick_device()
     train, val, classes, n_train, n_val = make_loaders(params, device)
-    model = build_model(
-        params.model, num_classes=len(classes), model_args=params.to_dict()["model_args"]
-    ).to(device)
+    model = build_model(params.model, num_classes=len(classes), model_args=params.model_kwargs())
+    optimizer = schedule = None
+    if MODEL_INPUTS[params.model] == "features":
+        # layer4 starts from the same backbone the features stage ran.
+        model.layer4.load_state_dict(torch.load(paths.FEATURES_LAYER4, weights_only=True))
+        tr = params.transfer
+        optimizer = transfer_optimizer(model, tr.lr_head, tr.lr_layer4, tr.weight_decay)
+        schedule = make_schedule(optimizer, replace(params.train, scheduler="plateau"), len(train))
+    model = model.to(device)
     print(
         f"{params.model}: {count_parameters(model):,} parameters on {device}; "
         f"train/val {n_train}/{n_val} images, loader {params.train.loader}",
@@ -65,6 +77,8 @@ def run_train(params: Params) -> FitResult:
         checkpoint_dir=paths.MODELS,
         checkpoint_meta=meta,
         on_epoch=_log_epoch,
+        optimizer=optimizer,
+        schedule=schedule,
     )
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)

@@ -110,6 +110,7 @@ def tiny_params(source: Path | str, **overrides) -> str:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source=str(source), val_split=20)
     params["train"].update(epochs=2, batch_size=16)
+    params["features"].update(weights="none", image_size=32, views=2)
     for key, value in overrides.items():
         if isinstance(value, dict):
             params[key].update(value)

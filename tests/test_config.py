@@ -53,7 +53,9 @@ def test_bad_params_fail_with_a_message_naming_the_key(mutate, message):
 def test_choices_list_every_registered_model():
     raw = real_params()
     raw["model"] = "nope"
-    with pytest.raises(ConfigError, match="minivgg, mlp, simplecnn, simpleresnet"):
+    with pytest.raises(
+        ConfigError, match="minivgg, mlp, resnet18, resnet18_finetune, simplecnn, simpleresnet"
+    ):
         parse_params(raw)
 
 

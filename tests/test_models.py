@@ -3,7 +3,14 @@ import torch
 from torch import nn
 
 from cvplay.errors import CvplayError
-from cvplay.models import MODELS, build_model, count_parameters, register
+from cvplay.models import MODEL_INPUTS, MODELS, build_model, count_parameters, register
+
+
+def example_input(name: str, n: int = 4) -> torch.Tensor:
+    # resnet18 eats the features stage's layer3 activations (256 x s x s), others images.
+    return (
+        torch.randn(n, 256, 2, 2) if MODEL_INPUTS[name] == "features" else torch.randn(n, 3, 32, 32)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -11,8 +18,7 @@ from cvplay.models import MODELS, build_model, count_parameters, register
 def test_every_model_forwards_and_steps(name, use_bn):
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, model_args={"use_bn": use_bn})
-    x = torch.randn(4, 3, 32, 32)
-    out = model(x)
+    out = model(example_input(name))
     assert out.shape == (4, 7)
     assert torch.isfinite(out).all()
     loss = nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3]))
@@ -44,7 +50,9 @@ def test_mlp_is_flatten_two_hidden_layers_and_logits():
 def test_registry_refuses_duplicates_and_names_valid_models():
     with pytest.raises(ValueError, match="already registered"):
         register("mlp")(lambda **_: nn.Identity())
-    with pytest.raises(CvplayError, match="choose one of: minivgg, mlp, simplecnn"):
+    with pytest.raises(
+        CvplayError, match="choose one of: minivgg, mlp, resnet18, resnet18_finetune"
+    ):
         build_model("vgg99", num_classes=10, model_args={})
 
 

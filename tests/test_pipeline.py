@@ -16,7 +16,7 @@ def repo(tiny_folder, tmp_path_factory) -> Path:
     """A project that has run `dvc repro` once and committed the result as its baseline."""
     path = make_project(tmp_path_factory.mktemp("e2e") / "proj", tiny_params(tiny_folder))
     proc = dvc("repro", cwd=path)
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "features", "train", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
     run(["git", "add", "-A"], cwd=path)
     run(["git", "commit", "-qm", "baseline"], cwd=path)
