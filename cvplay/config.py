@@ -59,6 +59,14 @@ class TrainConfig:
     # "folder": torchvision ImageFolder + per-sample transforms in DataLoader workers.
     loader: str = "packed"
     num_workers: int = 2
+    # Compute settings (see bench/RESULTS.md for the measurements behind the defaults).
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (first epoch pays the compile time)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (physical cores)
+    # >1: run the train stage as this many processes under torchrun (DDP; gloo on CPU,
+    # NCCL on GPU); batch_size stays the global batch and must divide evenly.
+    nproc: int = 1
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,13 @@ def validate(params: Params) -> Params:
     _check(0 < t.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)")
     _check(t.plateau_patience >= 0, "train.plateau_patience", "must be >= 0")
     _check(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    _check(t.threads >= 0, "train.threads", "must be >= 0 (0 = PyTorch's default)")
+    _check(t.nproc >= 1, "train.nproc", f"must be >= 1, got {t.nproc}")
+    _check(
+        t.batch_size % t.nproc == 0,
+        "train.batch_size",
+        f"{t.batch_size} does not split evenly over train.nproc={t.nproc} processes",
+    )
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(t.scheduler, SCHEDULERS, "train.scheduler")
     _choice(t.loader, LOADERS, "train.loader")

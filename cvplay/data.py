@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
@@ -97,41 +98,71 @@ class Normalize:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
-def crop_flip(
-    padded: torch.Tensor, idx: torch.Tensor, generator: torch.Generator, size: int = 32
-) -> torch.Tensor:
-    """Random ``size`` crops of zero-padded images ``padded[idx]``, each flipped with p=0.5.
+def pack_pixels(images: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> int32 N x (H+2pad) x (W+2pad): one RGB0 pixel per int32.
 
-    One gather: every output pixel's row and column are computed per sample, with the flip
-    folded into the column index. Same distribution as RandomCrop(padding) + RandomHorizontalFlip.
+    Cropping then moves one 4-byte word per pixel instead of three separate bytes, with
+    one index per pixel instead of one per byte (3x fewer int64 indices to compute).
     """
-    b, dev = idx.numel(), padded.device
-    span = padded.shape[-1] - size + 1
-    offsets = torch.randint(0, span, (2, b), device=dev, generator=generator)
-    flip = torch.rand(b, device=dev, generator=generator) < 0.5
-    ar = torch.arange(size, device=dev)
+    hwc = nn.functional.pad(images.permute(0, 2, 3, 1), (0, 1, pad, pad, pad, pad))
+    return hwc.contiguous().view(torch.int32).squeeze(-1)
+
+
+def unpack_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """int32 B x H x W -> uint8 B x 3 x H x W (a channels_last view, no copy)."""
+    b, h, w = pixels.shape
+    return pixels.view(torch.uint8).view(b, h, w, 4)[..., :3].permute(0, 3, 1, 2)
+
+
+def crop_flip_params(
+    n: int, span: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample crop offsets (2 x n, uniform over span x span) and flips (n, p=0.5)."""
+    dev = generator.device
+    offsets = torch.randint(0, span, (2, n), device=dev, generator=generator)
+    flip = torch.rand(n, device=dev, generator=generator) < 0.5
+    return offsets, flip
+
+
+def crop_flip(
+    pixels: torch.Tensor,
+    idx: torch.Tensor,
+    offsets: torch.Tensor,
+    flip: torch.Tensor,
+    size: int = 32,
+) -> torch.Tensor:
+    """Crops of ``size`` from padded packed images ``pixels[idx]`` (see ``pack_pixels``),
+    at ``offsets``, mirrored where ``flip``: RandomCrop(padding) + RandomHorizontalFlip.
+
+    One gather with the flip folded into the column index; returns uint8 B x 3 x size x size.
+    """
+    _, h, w = pixels.shape
+    ar = torch.arange(size, device=pixels.device)
     rows = offsets[0, :, None] + ar  # b x size
     cols = offsets[1, :, None] + torch.where(flip[:, None], size - 1 - ar, ar)
-    ch = torch.arange(padded.shape[1], device=dev)
-    return padded[
-        idx[:, None, None, None],
-        ch[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
+    flat = idx[:, None, None] * (h * w) + rows[:, :, None] * w + cols[:, None, :]
+    return unpack_pixels(pixels.view(-1)[flat])
+
+
+def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
+    """This rank's contiguous part of a batch (the whole batch when not distributed)."""
+    return t if world == 1 else t.tensor_split(world, dim=dim)[rank]
 
 
 class DeviceBatches:
-    """Batches of a device-resident dataset by index: shuffled per epoch when training.
+    """Batches of a device-resident dataset by index, shuffled per epoch when training.
 
-    Subclasses say how a batch of indices becomes model input (``batch``).
+    Every rank draws the same permutation and the same augmentation for the global batch
+    (``batch_size``) and keeps its own shard, so N processes see exactly what one would.
+    Subclasses turn a global batch of indices into this rank's (input, labels).
     """
 
-    def __init__(self, labels, indices, *, batch_size, device, train, seed):
+    def __init__(self, labels, indices, *, batch_size, device, train, seed, rank=0, world=1):
         self.labels = labels.to(device)
         self.indices = indices.to(device)
         self.batch_size = batch_size
         self.train = train
+        self.rank, self.world = rank, world
         self.drop_last = train and len(indices) > batch_size  # no size-1 BatchNorm batches
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -139,7 +170,10 @@ class DeviceBatches:
         n, b = len(self.indices), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+    def shard(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return shard(t, self.rank, self.world, dim)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,12 +182,11 @@ class DeviceBatches:
             perm = torch.randperm(len(order), device=order.device, generator=self.generator)
             order = order[perm]
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.batch(idx), self.labels[idx]
+            yield self.batch(order[i * self.batch_size : (i + 1) * self.batch_size])
 
 
 class PackedLoader(DeviceBatches):
-    """Batches from a device-resident uint8 tensor; augmentation by indexing on the device."""
+    """Batches from device-resident packed pixels; augmentation by indexing on the device."""
 
     def __init__(
         self,
@@ -164,18 +197,34 @@ class PackedLoader(DeviceBatches):
         device: torch.device,
         train: bool,
         seed: int,
+        rank: int = 0,
+        world: int = 1,
     ):
         super().__init__(
-            packed.labels, indices, batch_size=batch_size, device=device, train=train, seed=seed
+            packed.labels,
+            indices,
+            batch_size=batch_size,
+            device=device,
+            train=train,
+            seed=seed,
+            rank=rank,
+            world=world,
         )
-        self.images = packed.images.to(device)
-        if train:  # pad once up front, not per batch
-            self.images = torch.nn.functional.pad(self.images, (PAD, PAD, PAD, PAD))
+        # Padded once up front (zeros, as RandomCrop's padding), not per batch.
+        self.pixels = pack_pixels(packed.images, PAD if train else 0).to(device)
+        self.size = packed.images.shape[-1]
         self.normalize = Normalize(device)
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        x = crop_flip(self.images, idx, self.generator) if self.train else self.images[idx]
-        return self.normalize(x)
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.train:
+            offsets, flip = crop_flip_params(len(idx), 2 * PAD + 1, self.generator)
+            idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
+        else:
+            idx = self.shard(idx)
+            offsets = torch.zeros(2, len(idx), dtype=torch.long, device=idx.device)
+            flip = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+        x = crop_flip(self.pixels, idx, offsets, flip, self.size)
+        return self.normalize(x), self.labels[idx]
 
 
 class DeviceLoader:

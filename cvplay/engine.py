@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cvplay.config import TrainConfig
+from cvplay.distributed import reduce_sum
 from cvplay.io import atomic_path
 
 
@@ -29,8 +30,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(local_rank: int = 0) -> torch.device:
+    """CUDA (this process's GPU under torchrun) when available, else the CPU."""
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def accuracy_top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -87,6 +89,20 @@ def make_schedule(
     return Schedule()
 
 
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPUs here lack fast bf16)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _epoch_stats(sums: torch.Tensor, seen: int) -> dict[str, float]:
+    # sums = [loss sum, correct] on the device; reduced over ranks with the sample count.
+    # .tolist() syncs the device: once per epoch, not per batch.
+    totals = torch.cat([sums, torch.tensor([float(seen)], dtype=sums.dtype, device=sums.device)])
+    loss_sum, correct, n = reduce_sum(totals).tolist()
+    n = max(n, 1.0)
+    return {"loss": loss_sum / n, "acc": correct / n}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -94,47 +110,62 @@ def train_one_epoch(
     criterion: nn.Module,
     schedule: Schedule,
     *,
+    device: torch.device,
+    amp: bool = False,
     desc: str = "train",
 ) -> dict[str, float]:
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     # tqdm draws only on a terminal (disable=None); logs get one line per epoch from fit.
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
-        if seen == 0:
-            loss_sum, correct = loss_sum.to(x.device), correct.to(x.device)
-        logits = model(x)
-        loss = criterion(logits, y)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.after_batch()
-        loss_sum += loss.detach().double() * y.numel()
-        correct += (logits.detach().argmax(1) == y).sum()
+        sums += torch.stack(
+            [loss.detach().double() * y.numel(), (logits.detach().argmax(1) == y).sum().double()]
+        )
         seen += y.numel()
-    seen = max(seen, 1)
-    # .item() syncs the device: once per epoch, not per batch.
-    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen}
+    return _epoch_stats(sums, seen)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+def predict_logits(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = False
+):
     """All logits and labels of a loader, gathered on the device and moved to the CPU once."""
     model.eval()
     outs, labels = [], []
     for x, y in loader:
-        outs.append(model(x).float())
+        with autocast(x.device, amp):
+            outs.append(model(x).float())
         labels.append(y)
     return torch.cat(outs).cpu(), torch.cat(labels).cpu()
 
 
+@torch.no_grad()
 def validate(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = False
 ) -> dict[str, float]:
-    logits, labels = predict_logits(model, loader)
-    loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
-    return {"loss": loss, "acc": accuracy_top1(logits, labels).item()}
+    """Sample-averaged loss and accuracy (over all ranks' shards when distributed)."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    seen = 0
+    for x, y in loader:
+        with autocast(y.device, amp):
+            logits = model(x).float()
+        sums = sums.to(y.device) + torch.stack(
+            [
+                nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                (logits.argmax(1) == y).sum().double(),
+            ]
+        )
+        seen += y.numel()
+    return _epoch_stats(sums, seen)
 
 
 @dataclass
@@ -146,10 +177,21 @@ class FitResult:
     train_seconds: float = 0.0
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def save_checkpoint(path: Path, model: nn.Module, epoch: int, meta: dict[str, Any]) -> None:
     """state_dict + epoch + the resolved config (``meta``), written atomically."""
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "epoch": epoch, **meta}, tmp)
+        torch.save({"model": unwrap(model).state_dict(), "epoch": epoch, **meta}, tmp)
 
 
 def fit(
@@ -163,11 +205,15 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     schedule: Schedule | None = None,
+    device: torch.device | None = None,
+    write: bool = True,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``.
 
     The optimizer and schedule come from ``cfg`` unless the caller brings its own.
+    ``write=False`` (ranks other than 0) trains in step but writes no checkpoint.
     """
+    device = device or next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, cfg)
     schedule = schedule or make_schedule(optimizer, cfg, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -176,9 +222,16 @@ def fit(
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(
-            model, train_loader, optimizer, criterion, schedule, desc=f"epoch {epoch}/{cfg.epochs}"
+            model,
+            train_loader,
+            optimizer,
+            criterion,
+            schedule,
+            device=device,
+            amp=cfg.amp,
+            desc=f"epoch {epoch}/{cfg.epochs}",
         )
-        va = validate(model, val_loader)
+        va = validate(model, val_loader, amp=cfg.amp)
         schedule.after_epoch(va["loss"])
         row = {
             "epoch": epoch,
@@ -196,9 +249,11 @@ def fit(
                 va["acc"],
                 va["loss"],
             )
-            save_checkpoint(checkpoint_dir / "best.pt", model, epoch, checkpoint_meta)
+            if write:
+                save_checkpoint(checkpoint_dir / "best.pt", model, epoch, checkpoint_meta)
         if on_epoch is not None:
             on_epoch(row)
-    save_checkpoint(checkpoint_dir / "last.pt", model, cfg.epochs, checkpoint_meta)
+    if write:
+        save_checkpoint(checkpoint_dir / "last.pt", model, cfg.epochs, checkpoint_meta)
     result.train_seconds = time.perf_counter() - start
     return result

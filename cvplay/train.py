@@ -6,30 +6,43 @@ import sys
 from dataclasses import replace
 
 import torch
+from torch import nn
 
 from cvplay import paths
-from cvplay.config import Params
+from cvplay.config import Params, TrainConfig
 from cvplay.data import PackedLoader, folder_loader, load_packed, split_indices
-from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed
+from cvplay.distributed import Dist, close_distributed, init_distributed
+from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed, unwrap
+from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.models import MODEL_INPUTS, build_model, count_parameters
 from cvplay.plots import plot_history, write_history
 from cvplay.transfer import FeatureLoader, transfer_optimizer
 
 
-def make_loaders(params: Params, device: torch.device):
+def make_loaders(params: Params, device: torch.device, ddp: Dist):
     """Train and val loaders over the fixed split of the prepared training set."""
     packed = load_packed(paths.PACKED_TRAIN)
     train_idx, val_idx = split_indices(len(packed.labels), params.data.val_split, params.seed)
     t = params.train
+    common = {
+        "batch_size": t.batch_size,
+        "device": device,
+        "seed": params.seed,
+        "rank": ddp.rank,
+        "world": ddp.world,
+    }
     if MODEL_INPUTS[params.model] == "features":
-        common = {"batch_size": t.batch_size, "device": device, "seed": params.seed}
         train = FeatureLoader(paths.FEATURES_TRAIN, train_idx, train=True, **common)
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
     elif t.loader == "packed":
-        common = {"batch_size": t.batch_size, "device": device, "seed": params.seed}
         train = PackedLoader(packed, train_idx, train=True, **common)
         val = PackedLoader(packed, val_idx, train=False, **common)
+    elif ddp.world > 1:
+        raise CvplayError(
+            "params.yaml: train.loader: 'folder' does not shard over processes; "
+            "use train.loader=packed with train.nproc > 1"
+        )
     else:
         common = {"device": device, "seed": params.seed, "num_workers": t.num_workers}
         train = folder_loader(
@@ -50,24 +63,58 @@ def _log_epoch(row: dict) -> None:
     )
 
 
-def run_train(params: Params) -> FitResult:
+def prepare_model(model: nn.Module, t: TrainConfig, device: torch.device, ddp: Dist) -> nn.Module:
+    """Device, memory format, DDP and torch.compile, in the order they compose."""
+    memory_format = torch.channels_last if t.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=memory_format)
+    if ddp.world > 1:
+        device_ids = [ddp.local_rank] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if t.compile:
+        model = torch.compile(model)
+    return model
+
+
+def configure_compute(t: TrainConfig, device: torch.device) -> None:
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+
+
+def run_train(params: Params) -> FitResult | None:
+    """Train params.model; under torchrun every rank calls this and rank 0 writes."""
+    ddp = init_distributed()
+    try:
+        return _run_train(params, ddp)
+    finally:
+        close_distributed()
+
+
+def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     set_seed(params.seed)
-    device = pick_device()
-    train, val, classes, n_train, n_val = make_loaders(params, device)
+    device = pick_device(ddp.local_rank)
+    configure_compute(params.train, device)
+    train, val, classes, n_train, n_val = make_loaders(params, device, ddp)
     model = build_model(params.model, num_classes=len(classes), model_args=params.model_kwargs())
+    n_params = count_parameters(model)
     optimizer = schedule = None
     if MODEL_INPUTS[params.model] == "features":
         # layer4 starts from the same backbone the features stage ran.
         model.layer4.load_state_dict(torch.load(paths.FEATURES_LAYER4, weights_only=True))
+    model = prepare_model(model, params.train, device, ddp)
+    if MODEL_INPUTS[params.model] == "features":
         tr = params.transfer
-        optimizer = transfer_optimizer(model, tr.lr_head, tr.lr_layer4, tr.weight_decay)
+        optimizer = transfer_optimizer(unwrap(model), tr.lr_head, tr.lr_layer4, tr.weight_decay)
         schedule = make_schedule(optimizer, replace(params.train, scheduler="plateau"), len(train))
-    model = model.to(device)
-    print(
-        f"{params.model}: {count_parameters(model):,} parameters on {device}; "
-        f"train/val {n_train}/{n_val} images, loader {params.train.loader}",
-        file=sys.stderr,
-    )
+    if ddp.is_main:
+        loader = "features" if MODEL_INPUTS[params.model] == "features" else params.train.loader
+        print(
+            f"{params.model}: {n_params:,} parameters on {device} x {ddp.world} process(es); "
+            f"train/val {n_train}/{n_val} images, loader {loader}",
+            file=sys.stderr,
+        )
     meta = {"config": params.to_dict(), "classes": classes}
     result = fit(
         model,
@@ -76,10 +123,14 @@ def run_train(params: Params) -> FitResult:
         params.train,
         checkpoint_dir=paths.MODELS,
         checkpoint_meta=meta,
-        on_epoch=_log_epoch,
+        on_epoch=_log_epoch if ddp.is_main else None,
         optimizer=optimizer,
         schedule=schedule,
+        device=device,
+        write=ddp.is_main,
     )
+    if not ddp.is_main:
+        return None
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)
     write_json(
@@ -90,7 +141,7 @@ def run_train(params: Params) -> FitResult:
             "best_epoch": result.best_epoch,
             "final_train_acc": result.history[-1]["train_acc"],
             "train_seconds": round(result.train_seconds, 1),
-            "params": count_parameters(model),
+            "params": n_params,
         },
     )
     return result

@@ -217,6 +217,8 @@ class FeatureLoader(DeviceBatches):
         device: torch.device,
         train: bool,
         seed: int,
+        rank: int = 0,
+        world: int = 1,
     ):
         if not path.exists():
             raise CvplayError(f"{path}: not found; run 'dvc repro features' first")
@@ -224,19 +226,30 @@ class FeatureLoader(DeviceBatches):
         if indices is None:
             indices = torch.arange(len(payload["labels"]))
         super().__init__(
-            payload["labels"], indices, batch_size=batch_size, device=device, train=train, seed=seed
+            payload["labels"],
+            indices,
+            batch_size=batch_size,
+            device=device,
+            train=train,
+            seed=seed,
+            rank=rank,
+            world=world,
         )
         self.classes = list(payload["classes"])
         self.features = payload["features"].to(device)
         flipped = payload.get("flipped")
         self.flipped = flipped.to(device) if (train and flipped is not None) else None
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.features[idx]
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = None
         if self.flipped is not None:
             flip = torch.rand(len(idx), device=idx.device, generator=self.generator) < 0.5
+            flip = self.shard(flip)
+        idx = self.shard(idx)
+        x = self.features[idx]
+        if flip is not None:
             x = torch.where(flip[:, None, None, None], self.flipped[idx], x)
-        return x.float()
+        return x.float(), self.labels[idx]
 
 
 def transfer_optimizer(model: TransferHead, lr_head: float, lr_layer4: float, weight_decay: float):

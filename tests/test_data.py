@@ -14,11 +14,14 @@ from cvplay.data import (
     Normalize,
     PackedLoader,
     crop_flip,
+    crop_flip_params,
     eval_transform,
     folder_loader,
     load_packed,
+    pack_pixels,
     split_indices,
     train_transform,
+    unpack_pixels,
 )
 from cvplay.errors import CvplayError
 from tests.conftest import CLASSES, make_image_folder
@@ -204,7 +207,9 @@ def test_crop_flip_produces_valid_crops_of_the_padded_image():
     torch.manual_seed(0)
     x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    out = crop_flip(padded, torch.arange(64), torch.Generator().manual_seed(1))
+    offsets, flip = crop_flip_params(64, 9, torch.Generator().manual_seed(1))
+    out = crop_flip(pack_pixels(x, 4), torch.arange(64), offsets, flip)
+    assert out.dtype == torch.uint8 and out.shape == (64, 3, 32, 32)
     for i in range(64):
         candidates = [
             padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)
@@ -219,8 +224,8 @@ def test_crop_flip_has_torchvision_randomcrop_flip_distribution():
     n = 4000
     img = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     img[0, 0, 16, 10] = 255
-    padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
-    ours = crop_flip(padded, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0))
+    offsets, flip = crop_flip_params(n, 9, torch.Generator().manual_seed(0))
+    ours = crop_flip(pack_pixels(img, 4), torch.zeros(n, dtype=torch.long), offsets, flip)
     torch.manual_seed(0)
     tf = train_transform().transforms[:2]
     pil = Image.fromarray(img[0].permute(1, 2, 0).numpy())
@@ -255,6 +260,29 @@ def test_packed_and_folder_loaders_give_the_same_val_batches(prepared):
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(ya, yb)
         assert torch.allclose(xa, xb, atol=1e-5)
+
+
+def test_pack_pixels_round_trips():
+    x = torch.randint(0, 256, (5, 3, 8, 6), dtype=torch.uint8)
+    packed = pack_pixels(x)
+    assert packed.dtype == torch.int32 and packed.shape == (5, 8, 6)
+    assert torch.equal(unpack_pixels(packed), x)
+    padded = unpack_pixels(pack_pixels(x, 2))
+    assert torch.equal(padded, torch.nn.functional.pad(x, (2, 2, 2, 2)))
+
+
+def test_sharded_batches_add_up_to_the_global_batch(prepared):
+    # Two ranks with the same seed see the two halves of what one process sees.
+    packed = load_packed(prepared / "packed" / "train.pt")
+    idx = torch.arange(len(packed.labels))
+    cpu = torch.device("cpu")
+    whole = PackedLoader(packed, idx, batch_size=16, device=cpu, train=True, seed=7)
+    halves = [
+        PackedLoader(packed, idx, batch_size=16, device=cpu, train=True, seed=7, rank=r, world=2)
+        for r in (0, 1)
+    ]
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves, strict=True):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
 
 
 def test_packed_train_loader_is_seeded_and_drops_the_last_partial_batch(prepared):

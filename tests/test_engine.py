@@ -15,6 +15,8 @@ from cvplay.engine import (
     validate,
 )
 
+CPU = torch.device("cpu")
+
 
 def test_accuracy_top1():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0], [0.0, 1.0]])
@@ -65,7 +67,8 @@ def test_train_one_epoch_learns_and_reports_sample_averages():
     schedule = make_schedule(opt, cfg, steps_per_epoch=8)
     data = _blobs()
     losses = [
-        train_one_epoch(model, data, opt, nn.CrossEntropyLoss(), schedule)["loss"] for _ in range(5)
+        train_one_epoch(model, data, opt, nn.CrossEntropyLoss(), schedule, device=CPU)["loss"]
+        for _ in range(5)
     ]
     assert losses[-1] < losses[0] * 0.5
     assert validate(model, data)["acc"] > 0.9

@@ -68,7 +68,7 @@ def test_exp_run_switches_model_and_is_recorded(repo):
                 params = rev["data"]["params"]["params.yaml"]["data"]
                 models.append((rev.get("name"), params["model"]))
     assert ("vgg", "minivgg") in models
-    diff = json.loads(dvc("metrics", "diff", "--json", cwd=repo).stdout)
+    diff = json.loads(dvc("metrics", "diff", "--all", "--json", cwd=repo).stdout)
     assert "val_acc" in diff["metrics/train.json"]
     assert "test_acc" in diff["metrics/eval.json"]
     ckpt = torch.load(repo / "models/best.pt", weights_only=True)
