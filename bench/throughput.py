@@ -22,6 +22,7 @@ import datetime
 import itertools
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -32,11 +33,14 @@ from torch import nn
 
 from cvplay.config import TrainConfig
 from cvplay.data import Normalize, PackedLoader, folder_loader, load_packed
+from cvplay.distributed import Dist
 from cvplay.engine import make_optimizer, make_schedule, pick_device, set_seed, train_one_epoch
 from cvplay.models import MODEL_INPUTS, MODELS, build_model
+from cvplay.train import configure_compute, has_conv, prepare_model
 
 SCRATCH = [m for m in ("mlp", "simplecnn", "simpleresnet", "minivgg") if m in MODELS]
 RESULTS = Path(__file__).with_name("RESULTS.md")
+REPEATS = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -44,27 +48,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model(name: str, device: torch.device, cfg: TrainConfig) -> nn.Module:
+def _model(name: str, device: torch.device, cfg: TrainConfig) -> tuple[nn.Module, bool]:
+    """The model as the train stage prepares it, and whether it runs channels_last."""
     set_seed(0)
     model = build_model(name, num_classes=10, model_args={"use_bn": True})
-    fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
-    model = model.to(device, memory_format=fmt)
-    return torch.compile(model) if cfg.compile else model
+    channels_last = cfg.channels_last and has_conv(model)
+    model = prepare_model(model, cfg, device, Dist(), channels_last)
+    return model, channels_last
 
 
 def _timed_steps(model, batches, cfg: TrainConfig, device, warmup: int, steps: int) -> float:
-    """images/s of train_one_epoch over ``steps`` batches after ``warmup`` batches."""
+    """Median images/s of train_one_epoch over REPEATS windows of ``steps`` batches,
+    after ``warmup`` batches (a single short window varies by +-20% on this machine)."""
     optimizer = make_optimizer(model, cfg)
     schedule = make_schedule(optimizer, replace(cfg, scheduler="none"), 1)
     criterion = nn.CrossEntropyLoss()
     it = iter(batches)
     common = {"device": device, "amp": cfg.amp}
     train_one_epoch(model, itertools.islice(it, warmup), optimizer, criterion, schedule, **common)
-    _sync(device)
-    start = time.perf_counter()
-    train_one_epoch(model, itertools.islice(it, steps), optimizer, criterion, schedule, **common)
-    _sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+    rates = []
+    for _ in range(REPEATS):
+        _sync(device)
+        start = time.perf_counter()
+        train_one_epoch(
+            model, itertools.islice(it, steps), optimizer, criterion, schedule, **common
+        )
+        _sync(device)
+        rates.append(steps * cfg.batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def _forever(loader):
@@ -73,15 +84,16 @@ def _forever(loader):
 
 
 def compute_bound(name, packed, cfg, device, warmup, steps) -> float:
+    model, channels_last = _model(name, device, cfg)
     x = Normalize(device)(packed.images[: cfg.batch_size].to(device))
-    if cfg.channels_last:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = packed.labels[: cfg.batch_size].to(device)
-    model = _model(name, device, cfg)
     return _timed_steps(model, itertools.repeat((x, y)), cfg, device, warmup, steps)
 
 
 def pipeline(name, packed, cfg, device, warmup, steps) -> float:
+    model, channels_last = _model(name, device, cfg)
     loader = PackedLoader(
         packed,
         torch.arange(len(packed.labels)),
@@ -89,8 +101,8 @@ def pipeline(name, packed, cfg, device, warmup, steps) -> float:
         device=device,
         train=True,
         seed=0,
+        channels_last=channels_last,
     )
-    model = _model(name, device, cfg)
     return _timed_steps(model, _forever(loader), cfg, device, warmup, steps)
 
 
@@ -104,12 +116,13 @@ def notebook(name, data_dir, n, cfg, device, warmup, steps) -> float:
         seed=0,
         num_workers=2,
     )
-    model = _model(name, device, cfg)
+    model, _ = _model(name, device, cfg)
     return _timed_steps(model, _forever(loader), cfg, device, warmup, steps)
 
 
+# Each compute setting against the defaults (params.yaml's train section).
 VARIANTS = {
-    "channels_last": lambda c: replace(c, channels_last=True),
+    "channels_last off (NCHW)": lambda c: replace(c, channels_last=not c.channels_last),
     "compile": lambda c: replace(c, compile=True),
     "batch 256": lambda c: replace(c, batch_size=256),
     "1 thread": lambda c: c,  # set around the call
@@ -134,6 +147,7 @@ def machine() -> str:
 
 def run(args) -> dict:
     device = pick_device()
+    configure_compute(TrainConfig(), device)  # the training stage's own settings
     data_dir = Path(args.data)
     packed = load_packed(data_dir / "packed" / "train.pt")
     base = replace(TrainConfig(), batch_size=args.batch_size)
@@ -229,8 +243,8 @@ def main(argv=None) -> None:
             f"Command: `{cmd.strip()}`  \n"
             f"Date: {datetime.date.today().isoformat()}  \n"
             f"Machine: {machine()}  \n"
-            f"Batch size {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up "
-            "steps per figure.\n\n" + text + "\n"
+            f"Batch size {args.batch_size}; each figure is the median of {REPEATS} windows of "
+            f"{args.steps} steps after {args.warmup} warm-up steps.\n\n" + text + "\n"
         )
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
     loader: str = "packed"
     num_workers: int = 2
     # Compute settings (see bench/RESULTS.md for the measurements behind the defaults).
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False  # torch.compile the model (first epoch pays the compile time)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (physical cores)

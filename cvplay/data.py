@@ -85,17 +85,25 @@ def load_packed(path: str | Path) -> Packed:
 
 
 class Normalize:
-    """uint8 N x 3 x H x W on the device -> normalised float32, in one fused expression."""
+    """uint8 N x 3 x H x W on the device -> normalised float32 in the requested memory format.
 
-    def __init__(self, device: torch.device):
+    Measured on the 2-core CPU (128 images): copy into a fresh float tensor then scale and
+    shift in place, 0.9 ms; ``addcmul`` on the strided uint8 view, 3.8 ms.
+    """
+
+    def __init__(self, device: torch.device, memory_format=torch.contiguous_format):
         mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
         # (x / 255 - mean) / std == x * scale + shift
         self.scale = 1.0 / (255.0 * std)
         self.shift = -mean / std
+        self.memory_format = memory_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x.float(), self.scale)
+        out = torch.empty(
+            x.shape, dtype=torch.float32, device=x.device, memory_format=self.memory_format
+        )
+        return out.copy_(x).mul_(self.scale).add_(self.shift)
 
 
 def pack_pixels(images: torch.Tensor, pad: int = 0) -> torch.Tensor:
@@ -199,6 +207,7 @@ class PackedLoader(DeviceBatches):
         seed: int,
         rank: int = 0,
         world: int = 1,
+        channels_last: bool = False,
     ):
         super().__init__(
             packed.labels,
@@ -213,7 +222,8 @@ class PackedLoader(DeviceBatches):
         # Padded once up front (zeros, as RandomCrop's padding), not per batch.
         self.pixels = pack_pixels(packed.images, PAD if train else 0).to(device)
         self.size = packed.images.shape[-1]
-        self.normalize = Normalize(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.normalize = Normalize(device, fmt)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.train:

@@ -10,7 +10,7 @@ from torch import nn
 
 from cvplay import paths
 from cvplay.config import Params, TrainConfig
-from cvplay.data import PackedLoader, folder_loader, load_packed, split_indices
+from cvplay.data import Packed, PackedLoader, folder_loader, load_packed, split_indices
 from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed, unwrap
 from cvplay.errors import CvplayError
@@ -20,9 +20,10 @@ from cvplay.plots import plot_history, write_history
 from cvplay.transfer import FeatureLoader, transfer_optimizer
 
 
-def make_loaders(params: Params, device: torch.device, ddp: Dist):
+def make_loaders(
+    params: Params, packed: Packed, device: torch.device, ddp: Dist, channels_last: bool
+):
     """Train and val loaders over the fixed split of the prepared training set."""
-    packed = load_packed(paths.PACKED_TRAIN)
     train_idx, val_idx = split_indices(len(packed.labels), params.data.val_split, params.seed)
     t = params.train
     common = {
@@ -36,8 +37,9 @@ def make_loaders(params: Params, device: torch.device, ddp: Dist):
         train = FeatureLoader(paths.FEATURES_TRAIN, train_idx, train=True, **common)
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
     elif t.loader == "packed":
-        train = PackedLoader(packed, train_idx, train=True, **common)
-        val = PackedLoader(packed, val_idx, train=False, **common)
+        fmt = {"channels_last": channels_last}
+        train = PackedLoader(packed, train_idx, train=True, **common, **fmt)
+        val = PackedLoader(packed, val_idx, train=False, **common, **fmt)
     elif ddp.world > 1:
         raise CvplayError(
             "params.yaml: train.loader: 'folder' does not shard over processes; "
@@ -51,7 +53,7 @@ def make_loaders(params: Params, device: torch.device, ddp: Dist):
         val = folder_loader(
             paths.TRAIN_DIR, val_idx, batch_size=t.batch_size, train=False, **common
         )
-    return train, val, packed.classes, len(train_idx), len(val_idx)
+    return train, val, len(train_idx), len(val_idx)
 
 
 def _log_epoch(row: dict) -> None:
@@ -63,9 +65,15 @@ def _log_epoch(row: dict) -> None:
     )
 
 
-def prepare_model(model: nn.Module, t: TrainConfig, device: torch.device, ddp: Dist) -> nn.Module:
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def prepare_model(
+    model: nn.Module, t: TrainConfig, device: torch.device, ddp: Dist, channels_last: bool
+) -> nn.Module:
     """Device, memory format, DDP and torch.compile, in the order they compose."""
-    memory_format = torch.channels_last if t.channels_last else torch.preserve_format
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     if ddp.world > 1:
         device_ids = [ddp.local_rank] if device.type == "cuda" else None
@@ -78,6 +86,9 @@ def prepare_model(model: nn.Module, t: TrainConfig, device: torch.device, ddp: D
 def configure_compute(t: TrainConfig, device: torch.device) -> None:
     if t.threads > 0:
         torch.set_num_threads(t.threads)
+    # Denormal floats (tiny gradients once a batch is fitted) run ~100x slower on x86 CPUs;
+    # flushing them to zero changes no result that matters and keeps steps at full speed.
+    torch.set_flush_denormal(True)
     if device.type == "cuda":
         # Fixed input shapes: let cuDNN pick the fastest kernels once.
         torch.backends.cudnn.benchmark = True
@@ -96,14 +107,18 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     set_seed(params.seed)
     device = pick_device(ddp.local_rank)
     configure_compute(params.train, device)
-    train, val, classes, n_train, n_val = make_loaders(params, device, ddp)
+    packed = load_packed(paths.PACKED_TRAIN)
+    classes = packed.classes
     model = build_model(params.model, num_classes=len(classes), model_args=params.model_kwargs())
+    # NHWC helps convolutions only; for the MLP it would cost a copy per batch (measured).
+    channels_last = params.train.channels_last and has_conv(model)
+    train, val, n_train, n_val = make_loaders(params, packed, device, ddp, channels_last)
     n_params = count_parameters(model)
     optimizer = schedule = None
     if MODEL_INPUTS[params.model] == "features":
         # layer4 starts from the same backbone the features stage ran.
         model.layer4.load_state_dict(torch.load(paths.FEATURES_LAYER4, weights_only=True))
-    model = prepare_model(model, params.train, device, ddp)
+    model = prepare_model(model, params.train, device, ddp, channels_last)
     if MODEL_INPUTS[params.model] == "features":
         tr = params.transfer
         optimizer = transfer_optimizer(unwrap(model), tr.lr_head, tr.lr_layer4, tr.weight_decay)

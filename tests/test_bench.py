@@ -1,0 +1,47 @@
+"""The throughput benchmark's command line on a tiny prepared data directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.throughput import table
+from cvplay.prepare import prepare
+from tests.conftest import ROOT, tool_env
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "data"
+    prepare(str(tiny_folder), max_per_class=None, out_dir=out, workers=1)
+    return out
+
+
+def test_json_has_the_three_figures_per_model(prepared):
+    cmd = [sys.executable, "-m", "bench.throughput", "--data", str(prepared), "--models",
+           "mlp,simplecnn", "--steps", "2", "--warmup", "1", "--batch-size", "16",
+           "--no-variants", "--no-write", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert set(figures) == {"mlp", "simplecnn"}
+    for row in figures.values():
+        assert set(row) == {"compute_bound", "pipeline", "notebook"}
+        assert all(v > 0 for v in row.values())
+
+
+def test_unknown_model_and_missing_data_are_refused(tmp_path):
+    cmd = [sys.executable, "-m", "bench.throughput", "--no-write"]
+    proc = subprocess.run([*cmd, "--models", "vgg99", "--data", str(tmp_path)], cwd=ROOT,
+                          env=tool_env(), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "unknown model 'vgg99'" in proc.stderr
+    proc = subprocess.run([*cmd, "--data", str(tmp_path)], cwd=ROOT, env=tool_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "run 'dvc repro prepare' first" in proc.stderr
+
+
+def test_table_shows_ratios():
+    text = table({"mlp": {"compute_bound": 100.0, "pipeline": 95.0, "notebook": 19.0}})
+    assert "| mlp | 100 | 95 | 19 | 0.95 | 5.00 |" in text
