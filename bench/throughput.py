@@ -38,7 +38,9 @@ from cvplay.engine import make_optimizer, make_schedule, pick_device, set_seed, 
 from cvplay.models import MODEL_INPUTS, MODELS, build_model
 from cvplay.train import configure_compute, has_conv, prepare_model
 
-SCRATCH = [m for m in ("mlp", "simplecnn", "simpleresnet", "minivgg") if m in MODELS]
+# The notebook's scratch models by default; --models takes any model trained from images.
+SCRATCH = ["mlp", "simplecnn", "simpleresnet", "minivgg"]
+IMAGE_MODELS = sorted(m for m in MODELS if MODEL_INPUTS[m] == "images")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 REPEATS = 3
 
@@ -57,25 +59,46 @@ def _model(name: str, device: torch.device, cfg: TrainConfig) -> tuple[nn.Module
     return model, channels_last
 
 
-def _timed_steps(model, batches, cfg: TrainConfig, device, warmup: int, steps: int) -> float:
-    """Median images/s of train_one_epoch over REPEATS windows of ``steps`` batches,
-    after ``warmup`` batches (a single short window varies by +-20% on this machine)."""
-    optimizer = make_optimizer(model, cfg)
-    schedule = make_schedule(optimizer, replace(cfg, scheduler="none"), 1)
-    criterion = nn.CrossEntropyLoss()
-    it = iter(batches)
-    common = {"device": device, "amp": cfg.amp}
-    train_one_epoch(model, itertools.islice(it, warmup), optimizer, criterion, schedule, **common)
-    rates = []
-    for _ in range(REPEATS):
-        _sync(device)
-        start = time.perf_counter()
+class Runner:
+    """A model, its optimizer and a batch source, timed in windows of ``steps`` batches."""
+
+    def __init__(self, model, batches, cfg: TrainConfig, device):
+        self.model, self.batches, self.cfg, self.device = model, iter(batches), cfg, device
+        self.optimizer = make_optimizer(model, cfg)
+        self.schedule = make_schedule(self.optimizer, replace(cfg, scheduler="none"), 1)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def run(self, steps: int) -> None:
         train_one_epoch(
-            model, itertools.islice(it, steps), optimizer, criterion, schedule, **common
+            self.model,
+            itertools.islice(self.batches, steps),
+            self.optimizer,
+            self.criterion,
+            self.schedule,
+            device=self.device,
+            amp=self.cfg.amp,
         )
-        _sync(device)
-        rates.append(steps * cfg.batch_size / (time.perf_counter() - start))
-    return statistics.median(rates)
+
+    def window(self, steps: int) -> float:
+        """Images/s of one window of ``steps`` batches."""
+        _sync(self.device)
+        start = time.perf_counter()
+        self.run(steps)
+        _sync(self.device)
+        return steps * self.cfg.batch_size / (time.perf_counter() - start)
+
+
+def measure(runners: list[Runner], warmup: int, steps: int) -> list[float]:
+    """Median images/s of each runner over REPEATS windows, the runners' windows interleaved
+    (a, b, a, b, ...) so that drift in the machine's speed (+-15% over a minute here)
+    falls on all of them alike instead of biasing their ratio."""
+    for r in runners:
+        r.run(warmup)
+    rates: list[list[float]] = [[] for _ in runners]
+    for _ in range(REPEATS):
+        for r, out in zip(runners, rates, strict=True):
+            out.append(r.window(steps))
+    return [statistics.median(r) for r in rates]
 
 
 def _forever(loader):
@@ -83,16 +106,16 @@ def _forever(loader):
         yield from loader
 
 
-def compute_bound(name, packed, cfg, device, warmup, steps) -> float:
+def compute_bound_runner(name, packed, cfg, device) -> Runner:
     model, channels_last = _model(name, device, cfg)
     x = Normalize(device)(packed.images[: cfg.batch_size].to(device))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = packed.labels[: cfg.batch_size].to(device)
-    return _timed_steps(model, itertools.repeat((x, y)), cfg, device, warmup, steps)
+    return Runner(model, itertools.repeat((x, y)), cfg, device)
 
 
-def pipeline(name, packed, cfg, device, warmup, steps) -> float:
+def pipeline_runner(name, packed, cfg, device) -> Runner:
     model, channels_last = _model(name, device, cfg)
     loader = PackedLoader(
         packed,
@@ -103,10 +126,10 @@ def pipeline(name, packed, cfg, device, warmup, steps) -> float:
         seed=0,
         channels_last=channels_last,
     )
-    return _timed_steps(model, _forever(loader), cfg, device, warmup, steps)
+    return Runner(model, _forever(loader), cfg, device)
 
 
-def notebook(name, data_dir, n, cfg, device, warmup, steps) -> float:
+def notebook_runner(name, data_dir, n, cfg, device) -> Runner:
     loader = folder_loader(
         data_dir / "train",
         torch.arange(n),
@@ -117,7 +140,11 @@ def notebook(name, data_dir, n, cfg, device, warmup, steps) -> float:
         num_workers=2,
     )
     model, _ = _model(name, device, cfg)
-    return _timed_steps(model, _forever(loader), cfg, device, warmup, steps)
+    return Runner(model, _forever(loader), cfg, device)
+
+
+def compute_bound(name, packed, cfg, device, warmup, steps) -> float:
+    return measure([compute_bound_runner(name, packed, cfg, device)], warmup, steps)[0]
 
 
 # Each compute setting against the defaults (params.yaml's train section).
@@ -154,11 +181,19 @@ def run(args) -> dict:
     results: dict[str, dict] = {}
     for name in args.models:
         w, s = args.warmup, args.steps
-        row = {
-            "compute_bound": compute_bound(name, packed, base, device, w, s),
-            "pipeline": pipeline(name, packed, base, device, w, s),
-            "notebook": notebook(name, data_dir, len(packed.labels), base, device, w, s),
-        }
+        # (a) and (b) interleaved; (c) alone, after them: its DataLoader workers would
+        # prefetch batches during the others' windows and start each window ahead.
+        a, b = measure(
+            [
+                compute_bound_runner(name, packed, base, device),
+                pipeline_runner(name, packed, base, device),
+            ],
+            w,
+            s,
+        )
+        nb = notebook_runner(name, data_dir, len(packed.labels), base, device)
+        row = {"compute_bound": a, "pipeline": b, "notebook": measure([nb], w, s)[0]}
+        del nb
         if args.variants:
             row["variants"] = {}
             for label, change in VARIANTS.items():
@@ -207,7 +242,9 @@ def table(results: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", default=",".join(SCRATCH), help=f"comma-separated, from: {', '.join(SCRATCH)}"
+        "--models",
+        default=",".join(SCRATCH),
+        help=f"comma-separated, from: {', '.join(IMAGE_MODELS)}",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -226,8 +263,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.models:
-        if m not in SCRATCH or MODEL_INPUTS[m] != "images":
-            parser.error(f"unknown model {m!r}; choose from: {', '.join(SCRATCH)}")
+        if m not in IMAGE_MODELS:
+            parser.error(f"unknown model {m!r}; choose from: {', '.join(IMAGE_MODELS)}")
     if not (Path(args.data) / "packed" / "train.pt").exists():
         parser.error(f"{args.data}/packed/train.pt not found; run 'dvc repro prepare' first")
     results = run(args)
@@ -244,7 +281,8 @@ def main(argv=None) -> None:
             f"Date: {datetime.date.today().isoformat()}  \n"
             f"Machine: {machine()}  \n"
             f"Batch size {args.batch_size}; each figure is the median of {REPEATS} windows of "
-            f"{args.steps} steps after {args.warmup} warm-up steps.\n\n" + text + "\n"
+            f"{args.steps} steps after {args.warmup} warm-up steps; the windows of (a) and (b) "
+            "alternate, so that drift in the machine's speed affects both alike.\n\n" + text + "\n"
         )
 
 

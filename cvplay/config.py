@@ -3,6 +3,13 @@
 A misspelt key, a wrong type or an unknown choice fails before any work starts, with a
 message that names the key and the valid options (``dvc exp run -S`` only overrides keys
 that already exist, so every key has its default in params.yaml).
+
+Training recipes: ``models.<name>`` in params.yaml holds each model's best ``train.*``
+settings. A ``train.*`` key left ``null`` takes the value from the recipe of the model being
+trained (else the ``TrainConfig`` default below); a non-null ``train.*`` value overrides every
+recipe. So ``dvc exp run -S model=minivgg`` trains with minivgg's recipe, ``-S train.lr=0.2``
+changes the learning rate whatever the model, and ``-S models.minivgg.lr=0.2`` changes
+minivgg's recipe only.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ class ConfigError(CvplayError):
     """params.yaml holds a key, type or value the pipeline cannot use."""
 
 
-SCHEDULERS = ("plateau", "onecycle", "none")
+SCHEDULERS = ("onecycle", "cosine", "plateau", "none")
+AUGMENTS = ("crop_flip", "flip", "none")
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("packed", "folder")
 
@@ -50,11 +58,23 @@ class TrainConfig:
     weight_decay: float = 5e-4
     optimizer: str = "sgd"
     momentum: float = 0.9
+    nesterov: bool = True  # sgd only
+    # Weight decay on BatchNorm/LayerNorm weights and on biases too (False: on weights of
+    # convolutions and linear layers only, the usual choice).
+    decay_norm_bias: bool = False
     scheduler: str = "onecycle"
+    warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 over this many epochs
     # ReduceLROnPlateau settings (scheduler: plateau), on val loss as in the notebook.
     plateau_factor: float = 0.5
     plateau_patience: int = 1
     label_smoothing: float = 0.0
+    # Exponential moving average of the weights, used for validation and the checkpoints:
+    # the decay per step (e.g. 0.99); 0 = off.
+    ema: float = 0.0
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
+    # Training augmentation: "crop_flip" (RandomCrop(32, padding=4) + horizontal flip),
+    # "flip" (flip only) or "none".
+    augment: str = "crop_flip"
     # "packed": uint8 tensors resident on the device, batch augmentation by indexing.
     # "folder": torchvision ImageFolder + per-sample transforms in DataLoader workers.
     loader: str = "packed"
@@ -100,6 +120,9 @@ class TransferConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 500
+    # Flip test-time augmentation: average the logits of each image and its mirror image,
+    # for validation during training and for the test split (image models only).
+    tta: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,8 @@ class Params:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Per-model recipes: model name -> train.* keys (see the module docstring).
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +221,13 @@ def validate(params: Params) -> Params:
     from cvplay.models import MODELS  # late: models import torch, config stays light
 
     _choice(params.model, sorted(MODELS), "model")
+    for name in params.models:
+        _choice(name, sorted(MODELS), f"models.{name}")
+    _check(
+        params.model in params.models,
+        f"models.{params.model}",
+        "missing; every model needs its recipe (train.* keys) under models:",
+    )
     d, t = params.data, params.train
     _check(
         (isinstance(d.val_split, int) and d.val_split >= 1)
@@ -227,6 +259,15 @@ def validate(params: Params) -> Params:
     )
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(t.scheduler, SCHEDULERS, "train.scheduler")
+    _choice(t.augment, AUGMENTS, "train.augment")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    _check(
+        t.warmup_epochs < t.epochs or t.scheduler != "cosine",
+        "train.warmup_epochs",
+        f"{t.warmup_epochs} must be less than train.epochs={t.epochs}",
+    )
+    _check(0 <= t.ema < 1, "train.ema", f"must be in [0, 1) (0 = off), got {t.ema}")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     _choice(t.loader, LOADERS, "train.loader")
     _check(params.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     f, tr = params.features, params.transfer
@@ -241,8 +282,54 @@ def validate(params: Params) -> Params:
     return params
 
 
+def _partial(cls: type, raw: Any, where: str) -> dict[str, Any]:
+    """The non-null keys of a partial section of ``cls``, checked like ``_build`` does."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE}: {where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    out = {}
+    for key, value in raw.items():
+        path = _key_path(where, str(key))
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{PARAMS_FILE}: {path}: unknown key; {hint}valid keys: {', '.join(valid)}"
+            )
+        if value is None:
+            continue
+        tp = hints[key]
+        if not _matches(value, tp):
+            raise ConfigError(f"{PARAMS_FILE}: {path}: expected {_type_name(tp)}, got {value!r}")
+        out[key] = float(value) if tp is float else value
+    return out
+
+
+def _recipes(raw: Any) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE}: models: expected a mapping of model name to train keys")
+    return {
+        str(name): _partial(TrainConfig, recipe, f"models.{name}") for name, recipe in raw.items()
+    }
+
+
 def parse_params(raw: Any) -> Params:
-    return validate(_build(Params, raw))
+    """Build and validate Params; ``train`` is resolved against the model's recipe."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{PARAMS_FILE}: top level: expected a mapping, got {raw!r}")
+    rest = {k: v for k, v in raw.items() if k not in ("train", "models")}
+    params = _build(Params, rest)
+    recipes = _recipes(raw.get("models"))
+    explicit = _partial(TrainConfig, raw.get("train"), "train")
+    train = TrainConfig(**{**recipes.get(params.model, {}), **explicit})
+    return validate(dataclasses.replace(params, train=train, models=recipes))
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -35,14 +35,15 @@ class PreparedDataError(CvplayError):
     """Prepared data under data/ is missing or stale."""
 
 
-def train_transform() -> transforms.Compose:
+def train_transform(augment: str = "crop_flip") -> transforms.Compose:
+    """``augment``: "crop_flip" (RandomCrop(32, padding=4) + flip), "flip" or "none"."""
+    steps = []
+    if augment == "crop_flip":
+        steps.append(transforms.RandomCrop(32, padding=PAD))
+    if augment in ("crop_flip", "flip"):
+        steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(
-        [
-            transforms.RandomCrop(32, padding=PAD),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-        ]
+        [*steps, transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     )
 
 
@@ -208,6 +209,7 @@ class PackedLoader(DeviceBatches):
         rank: int = 0,
         world: int = 1,
         channels_last: bool = False,
+        augment: str = "crop_flip",
     ):
         super().__init__(
             packed.labels,
@@ -219,20 +221,25 @@ class PackedLoader(DeviceBatches):
             rank=rank,
             world=world,
         )
+        self.crop = train and augment == "crop_flip"
+        self.flip = train and augment in ("crop_flip", "flip")
         # Padded once up front (zeros, as RandomCrop's padding), not per batch.
-        self.pixels = pack_pixels(packed.images, PAD if train else 0).to(device)
+        self.pixels = pack_pixels(packed.images, PAD if self.crop else 0).to(device)
         self.size = packed.images.shape[-1]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.normalize = Normalize(device, fmt)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.train:
-            offsets, flip = crop_flip_params(len(idx), 2 * PAD + 1, self.generator)
-            idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
+        n, dev = len(idx), idx.device
+        if self.crop:
+            offsets, flip = crop_flip_params(n, 2 * PAD + 1, self.generator)
         else:
-            idx = self.shard(idx)
-            offsets = torch.zeros(2, len(idx), dtype=torch.long, device=idx.device)
-            flip = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+            offsets = torch.zeros(2, n, dtype=torch.long, device=dev)
+            if self.flip:
+                flip = torch.rand(n, device=dev, generator=self.generator) < 0.5
+            else:
+                flip = torch.zeros(n, dtype=torch.bool, device=dev)
+        idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
         x = crop_flip(self.pixels, idx, offsets, flip, self.size)
         return self.normalize(x), self.labels[idx]
 
@@ -266,8 +273,9 @@ def folder_loader(
     train: bool,
     seed: int,
     num_workers: int,
+    augment: str = "crop_flip",
 ) -> DeviceLoader:
-    dataset = _image_folder(root, train_transform() if train else eval_transform())
+    dataset = _image_folder(root, train_transform(augment) if train else eval_transform())
     subset = Subset(dataset, indices.tolist()) if indices is not None else dataset
     loader = DataLoader(
         subset,

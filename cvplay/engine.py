@@ -7,10 +7,13 @@ Losses and accuracies are averaged over samples, not over batch means.
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +43,31 @@ def accuracy_top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == targets).float().mean()
 
 
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
+    """Trainable parameters, with weight decay only on conv/linear weights unless
+    ``decay_norm_bias`` (1-d tensors are biases and norm-layer scales/shifts; decaying them
+    only fights BatchNorm's scale invariance). Attention ``in_proj_weight`` is 2-d: decayed."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay_norm_bias:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+
+    def decays(name: str, p: torch.Tensor) -> bool:
+        # ViT's class token and position embeddings are embeddings, not weights: no decay.
+        return p.ndim > 1 and name.rsplit(".", 1)[-1] not in ("cls", "pos")
+
+    return [
+        {"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+    ]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 @dataclass
@@ -86,7 +103,56 @@ def make_schedule(
             pct_start=0.25,
         )
         return Schedule(sched, per_batch=True)
+    if cfg.scheduler == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        warm = round(cfg.warmup_epochs * steps_per_epoch)
+        return Schedule(
+            torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_cosine, warm, total)),
+            per_batch=True,
+        )
     return Schedule()
+
+
+def _warmup_cosine(warm: int, total: int, step: int) -> float:
+    """LR factor: linear from 1/warm to 1 over ``warm`` steps, then cosine down to 0."""
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+class EMA:
+    """Exponential moving average of a model's weights and buffers, updated after every
+    optimizer step with no host sync: ``torch._foreach_lerp_`` over all float tensors.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so that the average is not
+    dominated by the random initialisation early on. ``module`` is a plain copy of the model
+    (outside DDP/compile) used for validation and saved as the checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.decay = decay
+        self.steps = 0
+        src = unwrap(model)
+        pairs = list(zip(self.module.state_dict().values(), src.state_dict().values(), strict=True))
+        self.floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+        self.others = [(e, m) for e, m in pairs if not e.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        ema, live = zip(*self.floats, strict=True)
+        torch._foreach_lerp_(list(ema), list(live), 1.0 - decay)
+        for e, m in self.others:  # e.g. BatchNorm's num_batches_tracked
+            e.copy_(m)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.steps = state["steps"]
 
 
 def autocast(device: torch.device, amp: bool):
@@ -113,6 +179,8 @@ def train_one_epoch(
     device: torch.device,
     amp: bool = False,
     desc: str = "train",
+    ema: EMA | None = None,
+    grad_clip: float = 0.0,
 ) -> dict[str, float]:
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
@@ -124,8 +192,13 @@ def train_one_epoch(
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            # foreach norm on the device; no host sync unless error_if_nonfinite
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
         optimizer.step()
         schedule.after_batch()
+        if ema is not None:
+            ema.update()
         sums += torch.stack(
             [loss.detach().double() * y.numel(), (logits.detach().argmax(1) == y).sum().double()]
         )
@@ -133,31 +206,45 @@ def train_one_epoch(
     return _epoch_stats(sums, seen)
 
 
+def infer(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta: bool = False):
+    """Float logits; with ``tta`` the mean of the logits of ``x`` and its mirror image
+    (flip test-time augmentation; ``x`` is B x C x H x W)."""
+    with autocast(x.device, amp):
+        logits = model(x).float()
+        if tta:
+            logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = False
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    amp: bool = False,
+    tta: bool = False,
 ):
     """All logits and labels of a loader, gathered on the device and moved to the CPU once."""
     model.eval()
     outs, labels = [], []
     for x, y in loader:
-        with autocast(x.device, amp):
-            outs.append(model(x).float())
+        outs.append(infer(model, x, amp=amp, tta=tta))
         labels.append(y)
     return torch.cat(outs).cpu(), torch.cat(labels).cpu()
 
 
 @torch.no_grad()
 def validate(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], amp: bool = False
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    amp: bool = False,
+    tta: bool = False,
 ) -> dict[str, float]:
     """Sample-averaged loss and accuracy (over all ranks' shards when distributed)."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)
     seen = 0
     for x, y in loader:
-        with autocast(y.device, amp):
-            logits = model(x).float()
+        logits = infer(model, x, amp=amp, tta=tta)
         sums = sums.to(y.device) + torch.stack(
             [
                 nn.functional.cross_entropy(logits, y, reduction="sum").double(),
@@ -207,16 +294,20 @@ def fit(
     schedule: Schedule | None = None,
     device: torch.device | None = None,
     write: bool = True,
+    tta: bool = False,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``.
 
-    The optimizer and schedule come from ``cfg`` unless the caller brings its own.
-    ``write=False`` (ranks other than 0) trains in step but writes no checkpoint.
+    The optimizer and schedule come from ``cfg`` unless the caller brings its own. With
+    ``cfg.ema`` the weight average is what is validated and saved; ``tta`` validates with
+    flip test-time augmentation. ``write=False`` (ranks other than 0) trains in step but
+    writes no checkpoint.
     """
     device = device or next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, cfg)
     schedule = schedule or make_schedule(optimizer, cfg, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     result = FitResult()
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -230,8 +321,11 @@ def fit(
             device=device,
             amp=cfg.amp,
             desc=f"epoch {epoch}/{cfg.epochs}",
+            ema=ema,
+            grad_clip=cfg.grad_clip,
         )
-        va = validate(model, val_loader, amp=cfg.amp)
+        scored = ema.module if ema is not None else model
+        va = validate(scored, val_loader, amp=cfg.amp, tta=tta)
         schedule.after_epoch(va["loss"])
         row = {
             "epoch": epoch,
@@ -250,10 +344,10 @@ def fit(
                 va["loss"],
             )
             if write:
-                save_checkpoint(checkpoint_dir / "best.pt", model, epoch, checkpoint_meta)
+                save_checkpoint(checkpoint_dir / "best.pt", scored, epoch, checkpoint_meta)
         if on_epoch is not None:
             on_epoch(row)
     if write:
-        save_checkpoint(checkpoint_dir / "last.pt", model, cfg.epochs, checkpoint_meta)
+        save_checkpoint(checkpoint_dir / "last.pt", scored, cfg.epochs, checkpoint_meta)
     result.train_seconds = time.perf_counter() - start
     return result

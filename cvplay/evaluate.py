@@ -62,7 +62,9 @@ def run_evaluate(params: Params) -> dict:
             f"{test_path}: classes {test_classes} differ from the checkpoint's {classes}; "
             "run 'dvc repro' to retrain on the prepared data"
         )
-    logits, labels = predict_logits(model, loader)
+    # Flip TTA mirrors images; the features models get precomputed activations instead.
+    tta = params.eval.tta and MODEL_INPUTS[cfg.model] == "images"
+    logits, labels = predict_logits(model, loader, tta=tta)
     preds = logits.argmax(1)
     n = len(classes)
     cm = confusion_matrix(labels, preds, n)

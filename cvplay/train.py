@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed, unwrap
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
-from cvplay.models import MODEL_INPUTS, build_model, count_parameters
+from cvplay.models import MODEL_INPUTS, build_model, count_parameters, forward_flops
 from cvplay.plots import plot_history, write_history
 from cvplay.transfer import FeatureLoader, transfer_optimizer
 
@@ -38,7 +38,7 @@ def make_loaders(
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
     elif t.loader == "packed":
         fmt = {"channels_last": channels_last}
-        train = PackedLoader(packed, train_idx, train=True, **common, **fmt)
+        train = PackedLoader(packed, train_idx, train=True, augment=t.augment, **common, **fmt)
         val = PackedLoader(packed, val_idx, train=False, **common, **fmt)
     elif ddp.world > 1:
         raise CvplayError(
@@ -48,7 +48,12 @@ def make_loaders(
     else:
         common = {"device": device, "seed": params.seed, "num_workers": t.num_workers}
         train = folder_loader(
-            paths.TRAIN_DIR, train_idx, batch_size=t.batch_size, train=True, **common
+            paths.TRAIN_DIR,
+            train_idx,
+            batch_size=t.batch_size,
+            train=True,
+            augment=t.augment,
+            **common,
         )
         val = folder_loader(
             paths.TRAIN_DIR, val_idx, batch_size=t.batch_size, train=False, **common
@@ -114,6 +119,8 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     channels_last = params.train.channels_last and has_conv(model)
     train, val, n_train, n_val = make_loaders(params, packed, device, ddp, channels_last)
     n_params = count_parameters(model)
+    images = MODEL_INPUTS[params.model] == "images"
+    flops = forward_flops(model, torch.zeros(2, *packed.images.shape[1:])) if images else None
     optimizer = schedule = None
     if MODEL_INPUTS[params.model] == "features":
         # layer4 starts from the same backbone the features stage ran.
@@ -130,6 +137,8 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             f"train/val {n_train}/{n_val} images, loader {loader}",
             file=sys.stderr,
         )
+        recipe = ", ".join(f"{k}={v}" for k, v in asdict(params.train).items())
+        print(f"train: {recipe}", file=sys.stderr)
     meta = {"config": params.to_dict(), "classes": classes}
     result = fit(
         model,
@@ -143,6 +152,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         schedule=schedule,
         device=device,
         write=ddp.is_main,
+        tta=params.eval.tta and images,
     )
     if not ddp.is_main:
         return None
@@ -155,8 +165,12 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             "val_loss": result.best_val_loss,
             "best_epoch": result.best_epoch,
             "final_train_acc": result.history[-1]["train_acc"],
+            "epochs": params.train.epochs,
             "train_seconds": round(result.train_seconds, 1),
+            # training images per second over the whole fit (validation time included)
+            "images_per_s": round(n_train * params.train.epochs / result.train_seconds, 1),
             "params": n_params,
+            **({"forward_mflops": round(flops / 1e6, 2)} if flops is not None else {}),
         },
     )
     return result

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvplay.config import ConfigError, Params, load_params, parse_params
+from cvplay.config import ConfigError, Params, TrainConfig, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,9 +17,45 @@ def test_params_yaml_holds_every_key_with_its_default():
     assert parse_params(real_params()).to_dict().keys() == Params().to_dict().keys()
     raw = real_params()
     for section, values in Params().to_dict().items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and section != "models":
             assert set(raw[section]) == set(values), section
     assert load_params(ROOT / "params.yaml").model == "simplecnn"
+
+
+def test_every_registered_model_has_a_recipe_that_resolves():
+    # dvc.yaml's train stage depends on models.${model}: the key must exist for every model.
+    from cvplay.models import MODELS
+
+    raw = real_params()
+    assert set(raw["models"]) == set(MODELS)
+    for name in MODELS:
+        raw["model"] = name
+        params = parse_params(raw)
+        for key, value in raw["models"][name].items():
+            assert getattr(params.train, key) == value, (name, key)
+
+
+def test_train_keys_override_recipes_and_null_takes_the_recipe():
+    raw = real_params()
+    raw["models"]["mlp"] = {"lr": 0.3, "augment": "flip"}
+    raw["model"] = "mlp"
+    assert parse_params(raw).train.lr == 0.3
+    raw["train"]["lr"] = 0.02  # explicit train.* wins over every recipe
+    params = parse_params(raw)
+    assert (params.train.lr, params.train.augment) == (0.02, "flip")
+    raw["models"]["mlp"] = {}  # neither: the TrainConfig default
+    raw["train"]["lr"] = None
+    assert parse_params(raw).train.lr == TrainConfig().lr
+    # the resolved config round-trips (checkpoints store it)
+    again = parse_params(params.to_dict())
+    assert again == params
+
+
+def test_editing_one_recipe_leaves_other_models_unchanged():
+    raw = real_params()
+    before = parse_params(raw).train
+    raw["models"]["minivgg"]["lr"] = 0.7
+    assert parse_params(raw).train == before
 
 
 @pytest.mark.parametrize(
@@ -32,7 +68,23 @@ def test_params_yaml_holds_every_key_with_its_default():
         (lambda p: p["train"].update(epochs="ten"), "train.epochs: expected int, got 'ten'"),
         (lambda p: p["train"].update(epoch=3), "train.epoch: unknown key; did you mean 'epochs'?"),
         (lambda p: p.update(modle="mlp"), "modle: unknown key; did you mean 'model'?"),
-        (lambda p: p["train"].update(scheduler="cosine"), "choose one of: plateau, onecycle, none"),
+        (
+            lambda p: p["train"].update(scheduler="cosin"),
+            "choose one of: onecycle, cosine, plateau, none",
+        ),
+        (lambda p: p["train"].update(augment="cutmix"), "train.augment: unknown choice 'cutmix'"),
+        (lambda p: p["train"].update(ema=1.0), "train.ema: must be in [0, 1)"),
+        (lambda p: p["models"]["simplecnn"].update(lrr=1), "models.simplecnn.lrr: unknown key"),
+        (
+            lambda p: p["models"]["simplecnn"].update(lr="fast"),
+            "models.simplecnn.lr: expected float, got 'fast'",
+        ),
+        (lambda p: p["models"].update(resnet1000={}), "models.resnet1000: unknown choice"),
+        (lambda p: p["models"].pop("simplecnn"), "models.simplecnn: missing"),
+        (
+            lambda p: p["train"].update(scheduler="cosine", warmup_epochs=10),
+            "train.warmup_epochs: 10.0 must be less than train.epochs=10",
+        ),
         (lambda p: p["train"].update(lr=0), "train.lr: must be > 0"),
         (lambda p: p["train"].update(batch_size=0), "train.batch_size: must be >= 1"),
         (lambda p: p["model_args"].update(use_bn="yes"), "model_args.use_bn: expected bool"),
@@ -54,7 +106,9 @@ def test_choices_list_every_registered_model():
     raw = real_params()
     raw["model"] = "nope"
     with pytest.raises(
-        ConfigError, match="minivgg, mlp, resnet18, resnet18_finetune, simplecnn, simpleresnet"
+        ConfigError,
+        match="minivgg, mlp, preactresnet18, resnet18, resnet18_finetune, resnet9, simplecnn, "
+        "simpleresnet, vit_tiny",
     ):
         parse_params(raw)
 

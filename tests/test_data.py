@@ -297,3 +297,28 @@ def test_packed_train_loader_is_seeded_and_drops_the_last_partial_batch(prepared
     assert all(x.shape == (16, 3, 32, 32) for x, _ in runs[0])
     for (x1, y1), (x2, y2) in zip(*runs, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("augment", ["flip", "none"])
+def test_flip_only_and_no_augmentation(prepared, augment):
+    packed = load_packed(prepared / "packed" / "train.pt")
+    idx = torch.arange(len(packed.labels))
+    cpu = torch.device("cpu")
+    plain = PackedLoader(packed, idx, batch_size=len(idx), device=cpu, train=False, seed=0)
+    ((reference, _),) = list(plain)
+    loader = PackedLoader(
+        packed, idx, batch_size=len(idx) // 2, device=cpu, train=True, seed=1, augment=augment
+    )
+    flips = 0
+    for x, y in loader:
+        for img, label in zip(x, y, strict=True):
+            # every image is one of the originals, whole (no shift), maybe mirrored
+            same = (reference == img).flatten(1).all(1)
+            mirrored = (reference.flip(3) == img).flatten(1).all(1)
+            assert (same | mirrored).any()
+            assert (packed.labels[same | mirrored] == label).all()
+            flips += int(mirrored.any() and not same.any())
+    if augment == "none":
+        assert flips == 0
+    else:
+        assert 0 < flips < len(idx)

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -6,8 +7,10 @@ from torch import nn
 
 from cvplay.config import TrainConfig
 from cvplay.engine import (
+    EMA,
     accuracy_top1,
     fit,
+    infer,
     make_optimizer,
     make_schedule,
     set_seed,
@@ -124,3 +127,99 @@ def test_fit_keeps_best_and_last_checkpoints_with_config(tmp_path):
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["epoch"] == 5 and torch.equal(last["model"]["weight"], model.weight.detach())
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_no_weight_decay_on_norm_weights_and_biases_unless_asked():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    opt = make_optimizer(model, _cfg(weight_decay=0.01))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight), id(model[3].weight)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    from cvplay.models import build_model
+
+    vit = build_model("vit_tiny", num_classes=10, model_args={})
+    opt = make_optimizer(vit, _cfg(weight_decay=0.01))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(vit.cls) not in decayed and id(vit.pos) not in decayed
+    assert id(vit.patch.weight) in decayed and id(vit.head.weight) in decayed
+    opt = make_optimizer(model, _cfg(weight_decay=0.01, decay_norm_bias=True))
+    assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
+    assert opt.param_groups[0]["nesterov"] is True
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+    model = nn.Linear(2, 2)
+    cfg = _cfg(scheduler="cosine", epochs=4, warmup_epochs=1)
+    opt = make_optimizer(model, cfg)
+    schedule = make_schedule(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.after_batch()
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[-1] < 0.001 and opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_tracks_a_lagged_average_of_weights_and_buffers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.add_(1.0)
+    ema.update()  # step 1: decay min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.module[0].weight, d * start + (1 - d) * model[0].weight)
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 1 - d))
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_fit_with_ema_validates_and_saves_the_average(tmp_path):
+    set_seed(0)
+    model = nn.Linear(8, 4)
+    data = _blobs()
+    meta = {"config": {}, "classes": list("abcd")}
+    cfg = _cfg(ema=0.9, epochs=2)
+    fit(model, data, data, cfg, checkpoint_dir=tmp_path, checkpoint_meta=meta)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]["weight"]
+    assert not torch.equal(last, model.weight.detach())  # the average, not the live weights
+    assert (last - model.weight.detach()).abs().max() < 0.5  # ... but close to them
+
+
+def test_grad_clip_bounds_each_update():
+    model = nn.Linear(8, 4)
+    cfg = _cfg(lr=1.0, momentum=0.0)
+    opt = make_optimizer(model, cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    # A huge loss scale: without clipping one SGD step would move the weights by >> 0.1.
+    loader = [(x * 100, y) for x, y in _blobs()[:1]]
+    train_one_epoch(
+        model,
+        loader,
+        opt,
+        nn.CrossEntropyLoss(),
+        make_schedule(opt, cfg, 1),
+        device=CPU,
+        grad_clip=0.1,
+    )
+    step = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    )
+    assert step.norm() == pytest.approx(0.1, rel=1e-4)
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    model(x)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(3))) / 2
+        assert torch.allclose(infer(model, x, tta=True), expected)
+        assert torch.allclose(infer(model, x.flip(3), tta=True), expected, atol=1e-6)
+        assert torch.equal(infer(model, x), model(x))

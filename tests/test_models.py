@@ -3,7 +3,14 @@ import torch
 from torch import nn
 
 from cvplay.errors import CvplayError
-from cvplay.models import MODEL_INPUTS, MODELS, build_model, count_parameters, register
+from cvplay.models import (
+    MODEL_INPUTS,
+    MODELS,
+    build_model,
+    count_parameters,
+    forward_flops,
+    register,
+)
 
 
 def example_input(name: str, n: int = 4) -> torch.Tensor:
@@ -51,7 +58,7 @@ def test_registry_refuses_duplicates_and_names_valid_models():
     with pytest.raises(ValueError, match="already registered"):
         register("mlp")(lambda **_: nn.Identity())
     with pytest.raises(
-        CvplayError, match="choose one of: minivgg, mlp, resnet18, resnet18_finetune"
+        CvplayError, match="choose one of: minivgg, mlp, preactresnet18, resnet18, "
     ):
         build_model("vgg99", num_classes=10, model_args={})
 
@@ -59,3 +66,28 @@ def test_registry_refuses_duplicates_and_names_valid_models():
 def test_parameter_counts_grow_from_mlp_to_minivgg():
     counts = {n: count_parameters(build_model(n, num_classes=10, model_args={})) for n in MODELS}
     assert counts["simplecnn"] < counts["simpleresnet"] < counts["minivgg"]
+
+
+def test_next_step_models_have_their_published_shapes():
+    def build(name):
+        return build_model(name, num_classes=10, model_args={"use_bn": True})
+
+    # PreAct ResNet-18 for CIFAR: Kuang Liu's pytorch-cifar has 11,171,146 parameters; we add
+    # the paper's final BN-ReLU before pooling (512 scales + 512 shifts).
+    assert count_parameters(build("preactresnet18")) == 11_171_146 + 1024
+    # ResNet-9 (Page / DAWNBench): 6.57M parameters, bias-free 512 -> 10 head.
+    assert count_parameters(build("resnet9")) == 6_573_120
+    vit = build("vit_tiny")
+    assert vit.patch.kernel_size == (4, 4) and vit.pos.shape == (1, 8 * 8 + 1, 192)
+    assert len(vit.encoder.layers) == 6
+
+
+def test_forward_flops_matches_the_hand_count_and_leaves_the_model_alone():
+    model = build_model("simplecnn", num_classes=10, model_args={"use_bn": True})
+    model.train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = bn.running_mean.clone()
+    convs = [(3, 64, 32), (64, 128, 16), (128, 256, 8)]  # (c_in, c_out, spatial size)
+    expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 256 * 16 * 10
+    assert forward_flops(model, torch.randn(2, 3, 32, 32)) == expected
+    assert model.training and torch.equal(bn.running_mean, stats)

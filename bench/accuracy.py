@@ -1,0 +1,93 @@
+"""Record the workspace's last run in bench/ACCURACY.md (one row per model, replaced in place).
+
+    dvc exp run -S model=mlp -S data.source=../shared/data/cifar10-jpg
+    python -m bench.accuracy --command "dvc exp run -S model=mlp -S data.source=..."
+
+Reads params.yaml (the resolved recipe), metrics/train.json and metrics/eval.json as the
+pipeline wrote them; prints the row, and with --write stores it. Nothing here trains: the
+figures are whatever the run measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+from bench.throughput import machine
+from cvplay import paths
+from cvplay.config import load_params
+
+ACCURACY = Path(__file__).with_name("ACCURACY.md")
+HEADER = (
+    "| model | val acc (best) | test acc | epochs | params | fwd MFLOPs/img | train time | "
+    "recipe | date | command |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+BEGIN, END = "<!-- rows -->", "<!-- /rows -->"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def row(command: str) -> tuple[str, str]:
+    params = load_params()
+    train = json.loads(Path(paths.METRICS_TRAIN).read_text())
+    evaluation = json.loads(Path(paths.METRICS_EVAL).read_text())
+    t = params.train
+    recipe = (
+        f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
+        f"ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
+        + (" tta" if params.eval.tta else "")
+    )
+    mflops = train.get("forward_mflops")
+    cells = [
+        params.model,
+        f"{train['val_acc']:.4f}",
+        f"{evaluation['test_acc']:.4f}",
+        str(t.epochs),
+        f"{train['params']:,}",
+        f"{mflops:.1f}" if mflops is not None else "—",
+        _minutes(train["train_seconds"]),
+        recipe,
+        datetime.date.today().isoformat(),
+        f"`{command}`" if command else "—",
+    ]
+    return params.model, "| " + " | ".join(cells) + " |"
+
+
+def upsert(text: str, model: str, line: str) -> str:
+    if BEGIN not in text:
+        text = (
+            "# Accuracy\n\nBest validation accuracy (45000/5000 split, seed 42) and test "
+            "accuracy per model, as measured by the pipeline. Record a run with "
+            "`python -m bench.accuracy --write --command '...'`.\n\n"
+            f"Machine: {machine()}\n\n{HEADER}\n{BEGIN}\n{END}\n"
+        )
+    head, rest = text.split(BEGIN, 1)
+    body, tail = rest.split(END, 1)
+    rows = [r for r in body.strip().splitlines() if r and not re.match(rf"\| {model} \|", r)]
+    rows.append(line)
+    return f"{head}{BEGIN}\n" + "\n".join(rows) + f"\n{END}{tail}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--command", default="", help="the command that produced the run")
+    parser.add_argument("--write", action="store_true", help=f"store the row in {ACCURACY.name}")
+    args = parser.parse_args(argv)
+    try:
+        model, line = row(args.command)
+    except FileNotFoundError as exc:
+        sys.exit(f"error: {exc.filename}: not found; run the pipeline first")
+    print(line)
+    if args.write:
+        text = ACCURACY.read_text() if ACCURACY.exists() else ""
+        ACCURACY.write_text(upsert(text, model, line))
+
+
+if __name__ == "__main__":
+    main()

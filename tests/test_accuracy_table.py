@@ -1,0 +1,42 @@
+"""bench/accuracy.py: the ACCURACY.md row of a finished run, replaced per model."""
+
+import json
+import shutil
+
+from bench.accuracy import BEGIN, END, main, upsert
+from tests.conftest import ROOT
+
+
+def test_upsert_replaces_the_models_row_and_keeps_the_others():
+    text = upsert("", "mlp", "| mlp | 0.50 |")
+    text = upsert(text, "simplecnn", "| simplecnn | 0.85 |")
+    text = upsert(text, "mlp", "| mlp | 0.57 |")
+    rows = text.split(BEGIN)[1].split(END)[0].strip().splitlines()
+    assert rows == ["| simplecnn | 0.85 |", "| mlp | 0.57 |"]
+    assert "| model | val acc (best) | test acc |" in text
+    # a model whose name is a prefix of another's keeps the other's row
+    text = upsert(text, "simplecnn", "| simplecnn | 0.86 |")
+    assert "| mlp | 0.57 |" in text and "0.85" not in text
+
+
+def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, capsys):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train.json").write_text(
+        json.dumps(
+            {
+                "val_acc": 0.8612,
+                "train_seconds": 1234.5,
+                "params": 412234,
+                "forward_mflops": 79.3,
+                "epochs": 10,
+            }
+        )
+    )
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.8544}))
+    monkeypatch.chdir(tmp_path)
+    main(["--command", "dvc exp run -S model=simplecnn"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("| simplecnn | 0.8612 | 0.8544 | 10 | 412,234 | 79.3 | 20 min 34 s |")
+    assert "sgd lr 0.1 wd 0.0005 onecycle bs 128 ls 0.1 ema 0.99 aug crop_flip tta" in line
+    assert line.endswith("| `dvc exp run -S model=simplecnn` |")
