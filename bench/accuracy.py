@@ -3,9 +3,9 @@
     dvc exp run -S model=mlp -S data.source=../shared/data/cifar10-jpg
     python -m bench.accuracy --command "dvc exp run -S model=mlp -S data.source=..."
 
-Reads params.yaml (the resolved recipe), metrics/train.json and metrics/eval.json as the
-pipeline wrote them; prints the row, and with --write stores it. Nothing here trains: the
-figures are whatever the run measured.
+Reads params.yaml (the resolved recipe), metrics/train.json, metrics/eval.json and
+logs/train_timing.json as the pipeline wrote them; prints the row, and with --write stores
+it. Nothing here trains: the figures are whatever the run measured.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def row(command: str) -> tuple[str, str]:
     params = load_params()
     train = json.loads(Path(paths.METRICS_TRAIN).read_text())
     evaluation = json.loads(Path(paths.METRICS_EVAL).read_text())
+    timing = json.loads(Path(paths.TIMING_TRAIN).read_text())
     t = params.train
     recipe = (
         f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
@@ -51,7 +52,7 @@ def row(command: str) -> tuple[str, str]:
         str(t.epochs),
         f"{train['params']:,}",
         f"{mflops:.1f}" if mflops is not None else "—",
-        _minutes(train["train_seconds"]),
+        _minutes(timing["train_seconds"]),
         recipe,
         datetime.date.today().isoformat(),
         f"`{command}`" if command else "—",

@@ -84,6 +84,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (first epoch pays the compile time)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (physical cores)
+    # Deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic,
+    # no cudnn.benchmark): bit-identical reruns on a GPU, at some speed. CPU runs are
+    # bit-identical without it.
+    deterministic: bool = False
     # >1: run the train stage as this many processes under torchrun (DDP; gloo on CPU,
     # NCCL on GPU); batch_size stays the global batch and must divide evenly.
     nproc: int = 1

@@ -81,8 +81,15 @@ def load_packed(path: str | Path) -> Packed:
     path = Path(path)
     if not path.exists():
         raise PreparedDataError(f"{path}: not found; run 'dvc repro prepare' first")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return Packed(payload["images"], payload["labels"], list(payload["classes"]))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return Packed(payload["images"], payload["labels"], list(payload["classes"]))
+    except Exception as exc:  # weights_only refuses pickled code; or not a packed file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PreparedDataError(
+            f"{path}: not a packed data file or unsafe to load ({first}); "
+            "run 'dvc repro prepare' to rebuild it"
+        ) from None
 
 
 class Normalize:
@@ -253,6 +260,11 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def generator(self) -> torch.Generator | None:
+        """Where each epoch's shuffle and the workers' augmentation seeds come from."""
+        return self.loader.generator
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -284,7 +296,10 @@ def folder_loader(
         drop_last=train and len(subset) > batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
+        # Workers start afresh each epoch and seed their augmentation from this generator, so
+        # the generator's state at an epoch boundary decides the rest of the run (resume is
+        # bit-exact); persistent workers would carry RNG state the resume file cannot hold.
+        persistent_workers=False,
         # Shuffling and each worker's augmentation seed derive from this generator.
         generator=torch.Generator().manual_seed(seed),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from tqdm import tqdm
 
 from cvplay.config import TrainConfig
 from cvplay.distributed import reduce_sum
-from cvplay.io import atomic_path
+from cvplay.io import save_torch
+from cvplay.resume import ResumeStore, rng_state, set_rng_state
 
 
 def set_seed(seed: int) -> None:
@@ -275,10 +277,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_checkpoint(path: Path, model: nn.Module, epoch: int, meta: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path, model: nn.Module | dict[str, Any], epoch: int, meta: dict[str, Any]
+) -> None:
     """state_dict + epoch + the resolved config (``meta``), written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"model": unwrap(model).state_dict(), "epoch": epoch, **meta}, tmp)
+    state = model if isinstance(model, dict) else unwrap(model).state_dict()
+    save_torch(path, {"model": state, "epoch": epoch, **meta})
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
 
 
 def fit(
@@ -295,6 +303,7 @@ def fit(
     device: torch.device | None = None,
     write: bool = True,
     tta: bool = False,
+    resume: ResumeStore | None = None,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``.
 
@@ -302,6 +311,10 @@ def fit(
     ``cfg.ema`` the weight average is what is validated and saved; ``tta`` validates with
     flip test-time augmentation. ``write=False`` (ranks other than 0) trains in step but
     writes no checkpoint.
+
+    With ``resume``, the full training state is saved after every epoch and, if a saved
+    state exists when fit starts, training continues after its last completed epoch and
+    ends exactly as an uninterrupted run would (cvplay/resume.py).
     """
     device = device or next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, cfg)
@@ -309,8 +322,29 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     result = FitResult()
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    generator = getattr(train_loader, "generator", None)
+    first, elapsed, best_state = 1, 0.0, None
+    state = resume.load() if resume is not None else None
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule.scheduler is not None:
+            schedule.scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"], generator)
+        result.history = state["history"]
+        result.best_epoch, result.best_val_acc, result.best_val_loss = state["best"]
+        best_state, elapsed = state["best_model"], state["seconds"]
+        first = state["epoch"] + 1
+        if write:  # DVC removed the stage's outputs before re-running it
+            save_checkpoint(
+                checkpoint_dir / "best.pt", best_state, result.best_epoch, checkpoint_meta
+            )
+        print(f"resuming after epoch {state['epoch']} from {resume.path}", file=sys.stderr)
+    start = time.perf_counter() - elapsed
+    scored = ema.module if ema is not None else model
+    for epoch in range(first, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(
             model,
@@ -324,7 +358,6 @@ def fit(
             ema=ema,
             grad_clip=cfg.grad_clip,
         )
-        scored = ema.module if ema is not None else model
         va = validate(scored, val_loader, amp=cfg.amp, tta=tta)
         schedule.after_epoch(va["loss"])
         row = {
@@ -343,8 +376,27 @@ def fit(
                 va["acc"],
                 va["loss"],
             )
+            if resume is not None:
+                best_state = _cpu_copy(scored)
             if write:
                 save_checkpoint(checkpoint_dir / "best.pt", scored, epoch, checkpoint_meta)
+        if resume is not None:
+            resume.save(
+                {
+                    "epoch": epoch,
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": (
+                        schedule.scheduler.state_dict() if schedule.scheduler is not None else None
+                    ),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "rng": rng_state(generator),
+                    "history": result.history,
+                    "best": [result.best_epoch, result.best_val_acc, result.best_val_loss],
+                    "best_model": best_state,
+                    "seconds": row["seconds"],
+                }
+            )
         if on_epoch is not None:
             on_epoch(row)
     if write:

@@ -47,6 +47,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` atomically and reproducibly: through a file object, so the archive's
+    internal folder name is always "archive" (given a path, torch names it after the file,
+    here the random temporary name, and the same tensors would hash differently each time).
+    """
+    import torch
+
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

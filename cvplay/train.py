@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from dataclasses import asdict, replace
 
@@ -17,6 +19,7 @@ from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.models import MODEL_INPUTS, build_model, count_parameters, forward_flops
 from cvplay.plots import plot_history, write_history
+from cvplay.resume import ResumeStore, run_key
 from cvplay.transfer import FeatureLoader, transfer_optimizer
 
 
@@ -89,14 +92,60 @@ def prepare_model(
 
 
 def configure_compute(t: TrainConfig, device: torch.device) -> None:
+    if t.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic GEMMs (read when CUDA starts).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     # Denormal floats (tiny gradients once a batch is fitted) run ~100x slower on x86 CPUs;
     # flushing them to zero changes no result that matters and keeps steps at full speed.
     torch.set_flush_denormal(True)
-    if device.type == "cuda":
-        # Fixed input shapes: let cuDNN pick the fastest kernels once.
+    if device.type == "cuda" and not t.deterministic:
+        # Fixed input shapes: let cuDNN pick the fastest kernels once (its choice may vary
+        # from run to run, and so may the last bits of the results: train.deterministic).
         torch.backends.cudnn.benchmark = True
+
+
+class PauseAt:
+    """Test hook: with CVPLAY_PAUSE_AT=EPOCH:BATCH in the environment, training prints
+    ``paused at EPOCH:BATCH`` and waits for a signal when this process is about to train batch
+    BATCH of its EPOCH-th epoch (BATCH 0: at the epoch boundary, before the epoch draws any
+    random number). Lets tests interrupt a real run at an exact point. Otherwise the loader
+    is used as is."""
+
+    def __init__(self, loader, epoch: int, batch: int):
+        self.loader, self.epoch, self.batch, self.epochs_seen = loader, epoch, batch, 0
+
+    @classmethod
+    def wrap(cls, loader):
+        spec = os.environ.get("CVPLAY_PAUSE_AT")
+        if not spec:
+            return loader
+        epoch, batch = (int(v) for v in spec.split(":"))
+        return cls(loader, epoch, batch)
+
+    def __getattr__(self, name):  # len(), generator, ... of the wrapped loader
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _pause(self, batch: int) -> None:
+        print(f"paused at {self.epochs_seen}:{batch}", flush=True)
+        while True:
+            signal.pause()
+
+    def __iter__(self):
+        self.epochs_seen += 1
+        here = self.epochs_seen == self.epoch
+        if here and self.batch == 0:
+            self._pause(0)
+        for i, item in enumerate(self.loader):
+            if here and i == self.batch:
+                self._pause(i)
+            yield item
 
 
 def run_train(params: Params) -> FitResult | None:
@@ -140,9 +189,18 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         recipe = ", ".join(f"{k}={v}" for k, v in asdict(params.train).items())
         print(f"train: {recipe}", file=sys.stderr)
     meta = {"config": params.to_dict(), "classes": classes}
+    data_files = (
+        [paths.FEATURES_TRAIN, paths.FEATURES_LAYER4]
+        if MODEL_INPUTS[params.model] == "features"
+        else [paths.PACKED_TRAIN]
+    )
+    config = {k: v for k, v in params.to_dict().items() if k != "models"}
+    resume = ResumeStore(
+        run_key(config, data_files, device=device.type, world=ddp.world), write=ddp.is_main
+    )
     result = fit(
         model,
-        train,
+        PauseAt.wrap(train),
         val,
         params.train,
         checkpoint_dir=paths.MODELS,
@@ -153,11 +211,14 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         device=device,
         write=ddp.is_main,
         tta=params.eval.tta and images,
+        resume=resume,
     )
     if not ddp.is_main:
         return None
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)
+    # metrics/ holds only what params, seed and data decide (byte-identical across runs on
+    # the CPU); timings are the machine's and go to logs/.
     write_json(
         paths.METRICS_TRAIN,
         {
@@ -166,11 +227,19 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             "best_epoch": result.best_epoch,
             "final_train_acc": result.history[-1]["train_acc"],
             "epochs": params.train.epochs,
-            "train_seconds": round(result.train_seconds, 1),
-            # training images per second over the whole fit (validation time included)
-            "images_per_s": round(n_train * params.train.epochs / result.train_seconds, 1),
             "params": n_params,
             **({"forward_mflops": round(flops / 1e6, 2)} if flops is not None else {}),
         },
     )
+    write_json(
+        paths.TIMING_TRAIN,
+        {
+            "train_seconds": round(result.train_seconds, 1),
+            # training images per second over the whole fit (validation time included)
+            "images_per_s": round(n_train * params.train.epochs / result.train_seconds, 1),
+            "device": device.type,
+            "processes": ddp.world,
+        },
+    )
+    resume.clear()
     return result

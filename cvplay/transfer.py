@@ -17,7 +17,7 @@ from cvplay import paths
 from cvplay.config import FeaturesConfig
 from cvplay.data import CIFAR10_MEAN, CIFAR10_STD, DeviceBatches, Normalize, load_packed
 from cvplay.errors import CvplayError
-from cvplay.io import atomic_path
+from cvplay.io import save_torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,11 +196,9 @@ def run_features(cfg: FeaturesConfig, device: torch.device) -> dict[str, tuple[i
         }
         if split == "train" and cfg.views == 2:
             payload["flipped"] = precompute_features(stem, packed.images, flip=True, **common)
-        with atomic_path(dst) as tmp:
-            torch.save(payload, tmp)
+        save_torch(dst, payload)
         shapes[split] = tuple(payload["features"].shape)
-    with atomic_path(paths.FEATURES_LAYER4) as tmp:
-        torch.save(net.layer4.state_dict(), tmp)
+    save_torch(paths.FEATURES_LAYER4, net.layer4.state_dict())
     return shapes
 
 

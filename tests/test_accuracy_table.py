@@ -26,7 +26,6 @@ def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, c
         json.dumps(
             {
                 "val_acc": 0.8612,
-                "train_seconds": 1234.5,
                 "params": 412234,
                 "forward_mflops": 79.3,
                 "epochs": 10,
@@ -34,6 +33,8 @@ def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, c
         )
     )
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.8544}))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps({"train_seconds": 1234.5}))
     monkeypatch.chdir(tmp_path)
     main(["--command", "dvc exp run -S model=simplecnn"])
     line = capsys.readouterr().out.strip()

@@ -25,7 +25,9 @@ def repo(tiny_folder, tmp_path_factory) -> Path:
 
 def test_repro_writes_metrics_checkpoints_and_plots(repo):
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert {"val_acc", "val_loss", "best_epoch", "train_seconds"} <= train.keys()
+    assert {"val_acc", "val_loss", "best_epoch", "params", "forward_mflops"} <= train.keys()
+    timing = json.loads((repo / "logs/train_timing.json").read_text())
+    assert timing["train_seconds"] > 0 and timing["images_per_s"] > 0
     assert 0 <= train["val_acc"] <= 1 and train["best_epoch"] in (1, 2)
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert {"test_acc", "test_loss", "per_class_acc"} <= ev.keys()
@@ -79,8 +81,13 @@ def test_plots_show_writes_html_with_every_plot(repo, tmp_path):
     out = tmp_path / "plots_html"
     dvc("plots", "show", "-o", str(out), cwd=repo)
     html = (out / "index.html").read_text()
-    for plot_id in ("loss", "accuracy", "learning_rate", "confusion"):
-        assert plot_id in html
+    for title in (
+        "Loss per epoch",
+        "Accuracy per epoch",
+        "Learning rate per epoch",
+        "Test confusion matrix",
+    ):
+        assert title in html
     assert html.count("vegaEmbed(") >= 4
     assert "curves.png" in html and "confusion.png" in html
 
