@@ -37,6 +37,7 @@ SCHEDULERS = ("onecycle", "cosine", "plateau", "none")
 AUGMENTS = ("crop_flip", "flip", "none")
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("packed", "folder")
+BAD_IMAGE_POLICIES = ("error", "skip")  # cvplay.prepare.BAD_IMAGE_POLICIES (not imported: PIL)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class DataConfig:
     val_split: int | float = 5000
     # Keep only this many training images per class (null = all): quick runs on real data.
     max_per_class: int | None = None
+    # Height and width of the prepared images (packed tensors are N x 3 x image_size x
+    # image_size); images of other sizes are resized, bilinear.
+    image_size: int = 32
+    # An undecodable, truncated or empty image file: "error" stops prepare naming every such
+    # file; "skip" leaves them out and lists them in data/prepare_report.json.
+    on_bad_image: str = "error"
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,8 @@ def validate(params: Params) -> Params:
         "must be null (all images) or >= 1",
     )
     _check(bool(d.source.strip()), "data.source", "must be 'cifar10' or a folder path")
+    _check(d.image_size >= 8, "data.image_size", f"must be >= 8 (pixels), got {d.image_size}")
+    _choice(d.on_bad_image, BAD_IMAGE_POLICIES, "data.on_bad_image")
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")

@@ -7,10 +7,19 @@ from cvplay.prepare import default_workers, prepare
 
 def main() -> None:
     params = load_params()
+    d = params.data
     report = prepare(
-        params.data.source, max_per_class=params.data.max_per_class, workers=default_workers()
+        d.source,
+        max_per_class=d.max_per_class,
+        image_size=d.image_size,
+        on_bad_image=d.on_bad_image,
+        workers=default_workers(),
     )
-    print(f"prepared {report['train']['images']} train / {report['test']['images']} test images")
+    skipped = len(report["train"]["skipped"]) + len(report["test"]["skipped"])
+    print(
+        f"prepared {report['train']['images']} train / {report['test']['images']} test images"
+        + (f" (bad images skipped: {skipped}; see data/prepare_report.json)" if skipped else "")
+    )
 
 
 if __name__ == "__main__":
