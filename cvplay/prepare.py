@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from cvplay.errors import CvplayError
-from cvplay.io import atomic_dir, atomic_path, write_json
+from cvplay.io import atomic_dir, save_torch, write_json
 
 CIFAR10_SIZE = 32
 SPLITS = ("train", "test")
@@ -522,8 +522,7 @@ def write_packed(split: Split, path: Path) -> None:
         "labels": torch.from_numpy(split.labels),
         "classes": list(split.classes),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
 def split_report(split: Split) -> dict:

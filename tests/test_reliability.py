@@ -242,3 +242,22 @@ def test_pickled_code_is_refused_everywhere(project, baseline, tmp_path):
     finally:
         packed.write_bytes(saved)
     assert not marker.exists()
+
+
+def test_prepare_twice_gives_byte_identical_files(tiny_folder, tmp_path):
+    """DVC hashes the prepared files: a rerun must not change them, or everything downstream
+    would re-run (torch.save names its archive after the temporary file unless told not to)."""
+    from cvplay.prepare import prepare
+
+    outs = []
+    for name in ("a", "b"):
+        prepare(str(tiny_folder), max_per_class=None, out_dir=tmp_path / name, workers=1)
+        outs.append(
+            {
+                p.relative_to(tmp_path / name): p.read_bytes()
+                for p in sorted((tmp_path / name).rglob("*"))
+                if p.is_file()
+            }
+        )
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 100
+    assert outs[0] == outs[1]
