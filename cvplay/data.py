@@ -160,6 +160,23 @@ def crop_flip(
     return unpack_pixels(pixels.view(-1)[flat])
 
 
+def augmented_samples(images: torch.Tensor, augment: str, seed: int, n: int = 32) -> torch.Tensor:
+    """The first ``n`` images (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for
+    training, from a generator of their own (the training run's RNGs are not touched)."""
+    images = images[:n]
+    generator = torch.Generator().manual_seed(seed)
+    crop = augment == "crop_flip"
+    pixels = pack_pixels(images, PAD if crop else 0)
+    k = len(images)
+    if crop:
+        offsets, flip = crop_flip_params(k, 2 * PAD + 1, generator)
+    else:
+        offsets = torch.zeros(2, k, dtype=torch.long)
+        flip = torch.rand(k, generator=generator) < 0.5
+        flip &= augment == "flip"
+    return crop_flip(pixels, torch.arange(k), offsets, flip, images.shape[-1]).contiguous()
+
+
 def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
     """This rank's contiguous part of a batch (the whole batch when not distributed)."""
     return t if world == 1 else t.tensor_split(world, dim=dim)[rank]

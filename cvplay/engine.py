@@ -188,7 +188,8 @@ def train_one_epoch(
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     # tqdm draws only on a terminal (disable=None); logs get one line per epoch from fit.
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
         with autocast(device, amp):
             logits = model(x)
             loss = criterion(logits, y)
@@ -205,6 +206,9 @@ def train_one_epoch(
             [loss.detach().double() * y.numel(), (logits.detach().argmax(1) == y).sum().double()]
         )
         seen += y.numel()
+        if not bar.disable and i % 20 == 19:  # running figures: on a terminal only, and
+            loss_sum, correct = sums.tolist()  # one host sync per 20 batches, not per batch
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
     return _epoch_stats(sums, seen)
 
 

@@ -13,7 +13,7 @@ from cvplay.engine import pick_device, predict_logits
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.models import MODEL_INPUTS, build_model
-from cvplay.plots import plot_confusion, write_confusion_pairs
+from cvplay.plots import plot_confusion, plot_image_grid, write_confusion_pairs, write_per_class
 from cvplay.transfer import FeatureLoader
 
 
@@ -78,4 +78,36 @@ def run_evaluate(params: Params) -> dict:
     write_json(paths.METRICS_EVAL, metrics)
     write_confusion_pairs(paths.CONFUSION_CSV, labels, preds, classes)
     plot_confusion(cm, classes, paths.CONFUSION_PNG)
+    write_per_class(paths.PER_CLASS_CSV, classes, per_class)
+    test_images = load_packed(paths.PACKED_TEST).images
+    plot_mistakes(logits, labels, test_images, classes, paths.MISCLASSIFIED_PNG)
     return metrics
+
+
+def plot_mistakes(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    images: torch.Tensor,
+    classes: list[str],
+    path,
+    n: int = 32,
+) -> torch.Tensor:
+    """Plot the ``n`` test images the model got wrong with the highest confidence; return
+    their indices, most confident first."""
+    prob, pred = logits.softmax(1).max(1)
+    wrong = (pred != labels).nonzero().squeeze(1)
+    worst = wrong[prob[wrong].argsort(descending=True, stable=True)[:n]]
+    captions = [
+        f"{classes[t]} → {classes[p]}\n{c:.2f}"
+        for t, p, c in zip(
+            labels[worst].tolist(), pred[worst].tolist(), prob[worst].tolist(), strict=True
+        )
+    ]
+    plot_image_grid(
+        images[worst],
+        captions,
+        path,
+        title=f"most confident mistakes: {len(worst)} of {len(wrong)} wrong "
+        "(true → predicted, confidence)",
+    )
+    return worst

@@ -63,6 +63,38 @@ def plot_history(history: Sequence[dict], path: str | Path, title: str = "") -> 
     _save(fig, path)
 
 
+def write_per_class(path: str | Path, classes: Sequence[str], accuracy: Sequence[float]) -> None:
+    """Test accuracy per class: the input of DVC's bar_horizontal template."""
+    rows = [{"class": c, "accuracy": round(a, 4)} for c, a in zip(classes, accuracy, strict=True)]
+    write_csv(path, ("class", "accuracy"), rows)
+
+
+def plot_image_grid(
+    images: torch.Tensor,
+    captions: Sequence[str],
+    path: str | Path,
+    *,
+    title: str,
+    ncols: int = 8,
+    colors: Sequence[str] | None = None,
+) -> None:
+    """uint8 N x 3 x H x W images in a grid, each with a caption (and caption colour)."""
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(1.55 * ncols, 1.75 * nrows + 0.4), squeeze=False
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            color = colors[i] if colors is not None else "black"
+            ax.set_title(captions[i], fontsize=7, color=color)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: str | Path) -> None:
     """Row-normalised confusion matrix (each row: where one true class went)."""
     norm = matrix.float() / matrix.sum(dim=1, keepdim=True).clamp(min=1)

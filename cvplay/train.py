@@ -12,13 +12,20 @@ from torch import nn
 
 from cvplay import paths
 from cvplay.config import Params, TrainConfig
-from cvplay.data import Packed, PackedLoader, folder_loader, load_packed, split_indices
+from cvplay.data import (
+    Packed,
+    PackedLoader,
+    augmented_samples,
+    folder_loader,
+    load_packed,
+    split_indices,
+)
 from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed, unwrap
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.models import MODEL_INPUTS, build_model, count_parameters, forward_flops
-from cvplay.plots import plot_history, write_history
+from cvplay.plots import plot_history, plot_image_grid, write_history
 from cvplay.resume import ResumeStore, run_key
 from cvplay.transfer import FeatureLoader, transfer_optimizer
 
@@ -217,6 +224,16 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         return None
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)
+    train_idx, _ = split_indices(len(packed.labels), params.data.val_split, params.seed)
+    shown = packed.images[train_idx[:32]]
+    augment = params.train.augment if images else "none"
+    plot_image_grid(
+        augmented_samples(shown, augment, params.seed),
+        [classes[i] for i in packed.labels[train_idx[:32]].tolist()],
+        paths.AUGMENTED_PNG,
+        title=f"training samples as {params.model} sees them (augment: {augment}; "
+        "before normalisation)",
+    )
     # metrics/ holds only what params, seed and data decide (byte-identical across runs on
     # the CPU); timings are the machine's and go to logs/.
     write_json(
@@ -228,6 +245,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             "final_train_acc": result.history[-1]["train_acc"],
             "epochs": params.train.epochs,
             "params": n_params,
+            "checkpoint_mb": round(paths.BEST.stat().st_size / 1e6, 2),
             **({"forward_mflops": round(flops / 1e6, 2)} if flops is not None else {}),
         },
     )

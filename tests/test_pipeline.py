@@ -38,7 +38,15 @@ def test_repro_writes_metrics_checkpoints_and_plots(repo):
     history = (repo / "plots/train/history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr" and len(history) == 3
     assert len((repo / "plots/eval/confusion.csv").read_text().splitlines()) == 41 + 1
-    for png in ("plots/train/curves.png", "plots/eval/confusion.png"):
+    assert train["checkpoint_mb"] == round((repo / "models/best.pt").stat().st_size / 1e6, 2)
+    per_class = (repo / "plots/eval/per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,accuracy" and len(per_class) == 11
+    for png in (
+        "plots/train/curves.png",
+        "plots/train/augmented.png",
+        "plots/eval/confusion.png",
+        "plots/eval/misclassified.png",
+    ):
         assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # DVC outputs are not in git; metrics and plot series are.
     tracked = run(["git", "ls-files"], cwd=repo).stdout.split()
@@ -86,10 +94,12 @@ def test_plots_show_writes_html_with_every_plot(repo, tmp_path):
         "Accuracy per epoch",
         "Learning rate per epoch",
         "Test confusion matrix",
+        "Test accuracy per class",
     ):
         assert title in html
     assert html.count("vegaEmbed(") >= 4
-    assert "curves.png" in html and "confusion.png" in html
+    for png in ("curves.png", "augmented.png", "confusion.png", "misclassified.png"):
+        assert png in html
 
 
 def _params_with(repo: Path, **changes) -> None:
