@@ -26,6 +26,9 @@ def run_stage(main: Callable[[], None]) -> None:
     after removing temporary files; the train stage resumes when run again.
     """
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored:
+    # `kill -INT` of a stage run with `&` or from CI would do nothing. Always handle it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except CvplayError as exc:

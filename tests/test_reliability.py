@@ -125,9 +125,13 @@ EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=str)
 def test_interrupted_run_resumes_to_the_same_result(project, baseline, sig, at):
     _clear_outputs(project)
+    shutil.rmtree(project / ".cvplay", ignore_errors=True)
     proc = _start_paused(project, at)
     proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == EXIT[sig], rest
     if sig != signal.SIGKILL:
         assert rest.strip().splitlines()[-1].startswith(f"interrupted ({sig.name})"), rest
