@@ -208,7 +208,7 @@ class FolderListing:
     ignored_files: dict[str, int]
 
 
-def _is_image_file(p: Path) -> bool:
+def is_image_file(p: Path) -> bool:
     # Hidden files are never images: .DS_Store, and macOS's AppleDouble "._photo.jpg"
     # resource forks, which carry an image extension but hold metadata.
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
@@ -253,7 +253,7 @@ def list_image_folder(root: Path) -> FolderListing:
         for label, cls in enumerate(classes):
             d = root / split / cls
             entries = sorted(p for p in d.iterdir() if p.is_file())
-            images = [p for p in entries if _is_image_file(p)]
+            images = [p for p in entries if is_image_file(p)]
             ignored[split] += len(entries) - len(images)
             if not images:
                 raise DataSourceError(
@@ -335,7 +335,7 @@ def decode_image(path: Path, size: int = CIFAR10_SIZE) -> tuple[np.ndarray, str,
 
 
 @contextmanager
-def _strict_truncation() -> Iterator[None]:
+def strict_truncation() -> Iterator[None]:
     # A library that sets LOAD_TRUNCATED_IMAGES (process-wide) would make PIL fill the
     # missing part of a truncated file with grey instead of failing: force it off here.
     before = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -358,7 +358,7 @@ class _Decoded:
 
 def _decode_chunk(paths: Sequence[Path], size: int) -> _Decoded:
     images, modes, resized, reasons = [], [], [], []
-    with _strict_truncation():
+    with strict_truncation():
         for p in paths:
             try:
                 pixels, mode, was_resized = decode_image(p, size)
