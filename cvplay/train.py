@@ -224,12 +224,14 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         return None
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)
+    # 32 training images (a seeded draw: the prepared data is sorted by class)
     train_idx, _ = split_indices(len(packed.labels), params.data.val_split, params.seed)
-    shown = packed.images[train_idx[:32]]
+    pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(params.seed))
+    shown = train_idx[pick[:32]]
     augment = params.train.augment if images else "none"
     plot_image_grid(
-        augmented_samples(shown, augment, params.seed),
-        [classes[i] for i in packed.labels[train_idx[:32]].tolist()],
+        augmented_samples(packed.images[shown], augment, params.seed),
+        [classes[i] for i in packed.labels[shown].tolist()],
         paths.AUGMENTED_PNG,
         title=f"training samples as {params.model} sees them (augment: {augment}; "
         "before normalisation)",
