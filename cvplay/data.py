@@ -160,21 +160,28 @@ def crop_flip(
     return unpack_pixels(pixels.view(-1)[flat])
 
 
-def augmented_samples(images: torch.Tensor, augment: str, seed: int, n: int = 32) -> torch.Tensor:
-    """The first ``n`` images (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for
-    training, from a generator of their own (the training run's RNGs are not touched)."""
-    images = images[:n]
-    generator = torch.Generator().manual_seed(seed)
-    crop = augment == "crop_flip"
-    pixels = pack_pixels(images, PAD if crop else 0)
-    k = len(images)
+def augment_params(
+    n: int, crop: bool, flip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop offsets (2 x n; zeros without ``crop``) and flips (n) of one batch."""
     if crop:
-        offsets, flip = crop_flip_params(k, 2 * PAD + 1, generator)
-    else:
-        offsets = torch.zeros(2, k, dtype=torch.long)
-        flip = torch.rand(k, generator=generator) < 0.5
-        flip &= augment == "flip"
-    return crop_flip(pixels, torch.arange(k), offsets, flip, images.shape[-1]).contiguous()
+        return crop_flip_params(n, 2 * PAD + 1, generator)
+    dev = generator.device
+    offsets = torch.zeros(2, n, dtype=torch.long, device=dev)
+    if flip:
+        return offsets, torch.rand(n, device=dev, generator=generator) < 0.5
+    return offsets, torch.zeros(n, dtype=torch.bool, device=dev)
+
+
+def augmented_samples(images: torch.Tensor, augment: str, seed: int) -> torch.Tensor:
+    """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
+    from a generator of their own (the training run's RNGs are not touched)."""
+    crop = augment == "crop_flip"
+    offsets, flip = augment_params(
+        len(images), crop, augment in ("crop_flip", "flip"), torch.Generator().manual_seed(seed)
+    )
+    pixels = pack_pixels(images, PAD if crop else 0)
+    return crop_flip(pixels, torch.arange(len(images)), offsets, flip, images.shape[-1])
 
 
 def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
@@ -254,15 +261,7 @@ class PackedLoader(DeviceBatches):
         self.normalize = Normalize(device, fmt)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, dev = len(idx), idx.device
-        if self.crop:
-            offsets, flip = crop_flip_params(n, 2 * PAD + 1, self.generator)
-        else:
-            offsets = torch.zeros(2, n, dtype=torch.long, device=dev)
-            if self.flip:
-                flip = torch.rand(n, device=dev, generator=self.generator) < 0.5
-            else:
-                flip = torch.zeros(n, dtype=torch.bool, device=dev)
+        offsets, flip = augment_params(len(idx), self.crop, self.flip, self.generator)
         idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
         x = crop_flip(self.pixels, idx, offsets, flip, self.size)
         return self.normalize(x), self.labels[idx]

@@ -23,6 +23,7 @@ The report ``data/prepare_report.json`` records all of it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -184,15 +185,8 @@ def resize_split(split: Split, size: int, workers: int) -> Split:
     if split.images.shape[1:3] == (size, size):
         return split
     chunks = _map_chunks(partial(_resize_chunk, size=size), split.images, workers)
-    return Split(
-        np.concatenate(chunks),
-        split.labels,
-        split.classes,
-        paths=split.paths,
-        modes=split.modes,
-        resized=np.ones(len(split.labels), dtype=bool),
-        ignored_files=split.ignored_files,
-        skipped=split.skipped,
+    return dataclasses.replace(
+        split, images=np.concatenate(chunks), resized=np.ones(len(split.labels), dtype=bool)
     )
 
 

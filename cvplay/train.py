@@ -68,7 +68,7 @@ def make_loaders(
         val = folder_loader(
             paths.TRAIN_DIR, val_idx, batch_size=t.batch_size, train=False, **common
         )
-    return train, val, len(train_idx), len(val_idx)
+    return train, val, train_idx, val_idx
 
 
 def _log_epoch(row: dict) -> None:
@@ -173,7 +173,8 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     model = build_model(params.model, num_classes=len(classes), model_args=params.model_kwargs())
     # NHWC helps convolutions only; for the MLP it would cost a copy per batch (measured).
     channels_last = params.train.channels_last and has_conv(model)
-    train, val, n_train, n_val = make_loaders(params, packed, device, ddp, channels_last)
+    train, val, train_idx, val_idx = make_loaders(params, packed, device, ddp, channels_last)
+    n_train, n_val = len(train_idx), len(val_idx)
     n_params = count_parameters(model)
     images = MODEL_INPUTS[params.model] == "images"
     flops = forward_flops(model, torch.zeros(2, *packed.images.shape[1:])) if images else None
@@ -225,7 +226,6 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)
     # 32 training images (a seeded draw: the prepared data is sorted by class)
-    train_idx, _ = split_indices(len(packed.labels), params.data.val_split, params.seed)
     pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(params.seed))
     shown = train_idx[pick[:32]]
     augment = params.train.augment if images else "none"
