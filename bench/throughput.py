@@ -2,12 +2,19 @@
 
     python -m bench.throughput [--models mlp,simplecnn] [--steps 20] [--json]
 
+Each model trains with its own recipe from params.yaml (``models.<name>``: batch size,
+optimizer, label smoothing, EMA, gradient clipping) and the train section's compute
+settings, exactly as ``dvc exp run -S model=<name>`` would:
+
 (a) compute bound: the model, optimizer and batch size stepping on one pre-made batch in a
     tight loop — what the hardware gives the model alone;
 (b) pipeline: our default training path end to end — ``PackedLoader`` (device-resident
     uint8 data, crop/flip/normalise by indexing) feeding ``train_one_epoch``;
 (c) notebook: ImageFolder on the PNG tree + torchvision transforms + DataLoader with
-    num_workers=2 (``train.loader: folder``), feeding the same loop.
+    num_workers=2, feeding the same loop, as the notebook trained every model (crop + flip
+    transforms, NCHW eager model);
+(c') the same loader with the recipe's augmentation and our compute settings
+    (``train.loader: folder``): b/c' is what the data path alone is worth.
 
 Then the compute bound again under each compute setting (channels_last, torch.compile,
 batch 256, 1 thread), so defaults are chosen by measurement. Needs the prepared data
@@ -21,6 +28,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import platform
 import statistics
 import sys
@@ -29,12 +37,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from cvplay.config import TrainConfig
+from cvplay.config import TrainConfig, parse_params
 from cvplay.data import Normalize, PackedLoader, folder_loader, load_packed
 from cvplay.distributed import Dist
-from cvplay.engine import make_optimizer, make_schedule, pick_device, set_seed, train_one_epoch
+from cvplay.engine import (
+    EMA,
+    make_optimizer,
+    make_schedule,
+    pick_device,
+    set_seed,
+    train_one_epoch,
+)
 from cvplay.models import MODEL_INPUTS, MODELS, build_model
 from cvplay.train import configure_compute, has_conv, prepare_model
 
@@ -43,6 +59,7 @@ SCRATCH = ["mlp", "simplecnn", "simpleresnet", "minivgg"]
 IMAGE_MODELS = sorted(m for m in MODELS if MODEL_INPUTS[m] == "images")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 REPEATS = 3
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def _sync(device: torch.device) -> None:
@@ -66,7 +83,9 @@ class Runner:
         self.model, self.batches, self.cfg, self.device = model, iter(batches), cfg, device
         self.optimizer = make_optimizer(model, cfg)
         self.schedule = make_schedule(self.optimizer, replace(cfg, scheduler="none"), 1)
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+        self.steps = 0  # timed steps per window, set by measure()
 
     def run(self, steps: int) -> None:
         train_one_epoch(
@@ -77,6 +96,8 @@ class Runner:
             self.schedule,
             device=self.device,
             amp=self.cfg.amp,
+            ema=self.ema,
+            grad_clip=self.cfg.grad_clip,
         )
 
     def window(self, steps: int) -> float:
@@ -88,16 +109,23 @@ class Runner:
         return steps * self.cfg.batch_size / (time.perf_counter() - start)
 
 
-def measure(runners: list[Runner], warmup: int, steps: int) -> list[float]:
+def measure(runners: list[Runner], warmup: int, steps: int, min_seconds: float) -> list[float]:
     """Median images/s of each runner over REPEATS windows, the runners' windows interleaved
     (a, b, a, b, ...) so that drift in the machine's speed (+-15% over a minute here)
-    falls on all of them alike instead of biasing their ratio."""
+    falls on all of them alike instead of biasing their ratio.
+
+    A window is ``steps`` steps, or more where that would take under ``min_seconds`` (fast
+    models: a 0.3 s window of the mlp is mostly timer and scheduler noise)."""
     for r in runners:
         r.run(warmup)
+        start = time.perf_counter()
+        r.run(warmup)
+        per_step = (time.perf_counter() - start) / warmup
+        r.steps = max(steps, math.ceil(min_seconds / per_step))
     rates: list[list[float]] = [[] for _ in runners]
     for _ in range(REPEATS):
         for r, out in zip(runners, rates, strict=True):
-            out.append(r.window(steps))
+            out.append(r.window(r.steps))
     return [statistics.median(r) for r in rates]
 
 
@@ -125,11 +153,22 @@ def pipeline_runner(name, packed, cfg, device) -> Runner:
         train=True,
         seed=0,
         channels_last=channels_last,
+        augment=cfg.augment,
     )
     return Runner(model, _forever(loader), cfg, device)
 
 
-def notebook_runner(name, data_dir, n, cfg, device) -> Runner:
+# What the notebook did for every model (../shared/docs/MISSION.md): RandomCrop(32,
+# padding=4) + RandomHorizontalFlip + ToTensor + Normalize, a plain NCHW eager model.
+NOTEBOOK = {"augment": "crop_flip", "channels_last": False, "compile": False}
+
+
+def notebook_runner(name, data_dir, n, cfg, device, as_notebook: bool) -> Runner:
+    """The notebook's loader (ImageFolder + transforms, 2 workers) with the recipe's batch size
+    and optimizer; ``as_notebook`` also takes the notebook's transforms and compute settings,
+    else the recipe's (what ``train.loader: folder`` runs)."""
+    if as_notebook:
+        cfg = replace(cfg, **NOTEBOOK)
     loader = folder_loader(
         data_dir / "train",
         torch.arange(n),
@@ -138,20 +177,29 @@ def notebook_runner(name, data_dir, n, cfg, device) -> Runner:
         train=True,
         seed=0,
         num_workers=2,
+        augment=cfg.augment,
     )
     model, _ = _model(name, device, cfg)
     return Runner(model, _forever(loader), cfg, device)
 
 
-def compute_bound(name, packed, cfg, device, warmup, steps) -> float:
-    return measure([compute_bound_runner(name, packed, cfg, device)], warmup, steps)[0]
+def compute_bound(name, packed, cfg, device, warmup, steps, min_seconds) -> float:
+    runner = compute_bound_runner(name, packed, cfg, device)
+    return measure([runner], warmup, steps, min_seconds)[0]
 
 
-# Each compute setting against the defaults (params.yaml's train section).
+def recipe(name: str, batch_size: int | None) -> TrainConfig:
+    """``name``'s training config as ``dvc exp run -S model=<name>`` resolves it."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    train = parse_params({**raw, "model": name}).train
+    return train if batch_size is None else replace(train, batch_size=batch_size)
+
+
+# Each compute setting against the defaults (the model's recipe, params.yaml's train section).
 VARIANTS = {
     "channels_last off (NCHW)": lambda c: replace(c, channels_last=not c.channels_last),
     "compile": lambda c: replace(c, compile=True),
-    "batch 256": lambda c: replace(c, batch_size=256),
+    "2x batch": lambda c: replace(c, batch_size=2 * c.batch_size),
     "1 thread": lambda c: c,  # set around the call
 }
 
@@ -177,23 +225,24 @@ def run(args) -> dict:
     configure_compute(TrainConfig(), device)  # the training stage's own settings
     data_dir = Path(args.data)
     packed = load_packed(data_dir / "packed" / "train.pt")
-    base = replace(TrainConfig(), batch_size=args.batch_size)
+    n = len(packed.labels)
     results: dict[str, dict] = {}
     for name in args.models:
-        w, s = args.warmup, args.steps
-        # (a) and (b) interleaved; (c) alone, after them: its DataLoader workers would
-        # prefetch batches during the others' windows and start each window ahead.
-        a, b = measure(
-            [
-                compute_bound_runner(name, packed, base, device),
-                pipeline_runner(name, packed, base, device),
-            ],
-            w,
-            s,
-        )
-        nb = notebook_runner(name, data_dir, len(packed.labels), base, device)
-        row = {"compute_bound": a, "pipeline": b, "notebook": measure([nb], w, s)[0]}
-        del nb
+        cfg = recipe(name, args.batch_size)
+        w, s, t = args.warmup, args.steps, args.min_seconds
+        # (a) and (b) interleaved; (c) and (c') each alone, after them: DataLoader workers
+        # would prefetch batches during the others' windows and start each window ahead.
+        runners = [
+            compute_bound_runner(name, packed, cfg, device),
+            pipeline_runner(name, packed, cfg, device),
+        ]
+        a, b = measure(runners, w, s, t)
+        row = {"compute_bound": a, "pipeline": b}
+        for key, as_notebook in (("notebook", True), ("folder_loader", False)):
+            nb = notebook_runner(name, data_dir, n, cfg, device, as_notebook)
+            row[key] = measure([nb], w, s, t)[0]
+            del nb  # its workers exit before the next measurement
+        row["batch_size"], row["window_steps"] = cfg.batch_size, runners[0].steps
         if args.variants:
             row["variants"] = {}
             for label, change in VARIANTS.items():
@@ -201,8 +250,9 @@ def run(args) -> dict:
                 if label == "1 thread":
                     torch.set_num_threads(1)
                 try:
+                    warm = w + (5 if "compile" in label else 0)
                     row["variants"][label] = compute_bound(
-                        name, packed, change(base), device, w + (5 if "compile" in label else 0), s
+                        name, packed, change(cfg), device, warm, s, t
                     )
                 finally:
                     torch.set_num_threads(threads)
@@ -217,12 +267,17 @@ def run(args) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| model | (a) compute bound img/s | (b) pipeline img/s | (c) notebook img/s | b/a | b/c |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | (a) compute bound img/s | (b) pipeline img/s | (c) notebook img/s "
+        "| b/a | b/c | (c') train.loader=folder img/s | b/c' |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         a, b, c = r["compute_bound"], r["pipeline"], r["notebook"]
-        lines.append(f"| {name} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.2f} | {b / c:.2f} |")
+        c2 = r["folder_loader"]
+        lines.append(
+            f"| {name} | {r['batch_size']} | {a:.0f} | {b:.0f} | {c:.0f} | {b / a:.2f} "
+            f"| {b / c:.2f} | {c2:.0f} | {b / c2:.2f} |"
+        )
     if any("variants" in r for r in results.values()):
         labels = list(VARIANTS)
         lines += [
@@ -246,9 +301,17 @@ def main(argv=None) -> None:
         default=",".join(SCRATCH),
         help=f"comma-separated, from: {', '.join(IMAGE_MODELS)}",
     )
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per window (at least)")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="more steps per window where --steps would take less than this",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="one batch size for all (default: recipes)"
+    )
     parser.add_argument("--data", default="data", help="a prepared data/ directory")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
@@ -280,9 +343,17 @@ def main(argv=None) -> None:
             f"Command: `{cmd.strip()}`  \n"
             f"Date: {datetime.date.today().isoformat()}  \n"
             f"Machine: {machine()}  \n"
-            f"Batch size {args.batch_size}; each figure is the median of {REPEATS} windows of "
-            f"{args.steps} steps after {args.warmup} warm-up steps; the windows of (a) and (b) "
-            "alternate, so that drift in the machine's speed affects both alike.\n\n" + text + "\n"
+            "Each model trains with its params.yaml recipe (batch size, optimizer, label "
+            "smoothing, EMA, augmentation) and the train section's compute settings. (c) is "
+            "the notebook: ImageFolder on the PNG tree, RandomCrop(32, padding=4) + flip + "
+            "ToTensor + Normalize, DataLoader with 2 workers, NCHW eager model; (c') is that "
+            "loader with the recipe's augmentation and our compute settings (`train.loader: "
+            "folder`), so b/c' is the data path alone. "
+            f"Each figure is the median of {REPEATS} windows of at least {args.steps} steps and "
+            f"{args.min_seconds:g} s, after {args.warmup} warm-up steps; the windows of (a) and "
+            "(b) alternate, so that drift in the machine's speed affects both alike.\n\n"
+            + text
+            + "\n"
         )
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.throughput import table
+from bench.throughput import recipe, table
+from cvplay.config import load_params
 from cvplay.prepare import prepare
 from tests.conftest import ROOT, tool_env
 
@@ -28,8 +29,17 @@ def test_json_has_the_three_figures_per_model(prepared):
     figures = json.loads(proc.stdout)
     assert set(figures) == {"mlp", "simplecnn"}
     for row in figures.values():
-        assert set(row) == {"compute_bound", "pipeline", "notebook"}
-        assert all(v > 0 for v in row.values())
+        rates = {"compute_bound", "pipeline", "notebook", "folder_loader"}
+        assert set(row) == rates | {"batch_size", "window_steps"}
+        assert all(row[k] > 0 for k in rates)
+        assert row["batch_size"] == 16 and row["window_steps"] >= 2
+
+
+def test_each_model_trains_with_its_recipe():
+    recipes = load_params(ROOT / "params.yaml").models
+    assert recipe("mlp", None).batch_size == recipes["mlp"]["batch_size"]
+    assert recipe("simplecnn", None).ema == recipes["simplecnn"]["ema"] > 0
+    assert recipe("simplecnn", 16).batch_size == 16
 
 
 def test_unknown_model_and_missing_data_are_refused(tmp_path):
@@ -43,5 +53,6 @@ def test_unknown_model_and_missing_data_are_refused(tmp_path):
 
 
 def test_table_shows_ratios():
-    text = table({"mlp": {"compute_bound": 100.0, "pipeline": 95.0, "notebook": 19.0}})
-    assert "| mlp | 100 | 95 | 19 | 0.95 | 5.00 |" in text
+    row = {"compute_bound": 100.0, "pipeline": 95.0, "notebook": 19.0}
+    text = table({"mlp": {**row, "folder_loader": 38.0, "batch_size": 256}})
+    assert "| mlp | 256 | 100 | 95 | 19 | 0.95 | 5.00 | 38 | 2.50 |" in text

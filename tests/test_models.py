@@ -63,9 +63,15 @@ def test_registry_refuses_duplicates_and_names_valid_models():
         build_model("vgg99", num_classes=10, model_args={})
 
 
-def test_parameter_counts_grow_from_mlp_to_minivgg():
-    counts = {n: count_parameters(build_model(n, num_classes=10, model_args={})) for n in MODELS}
-    assert counts["simplecnn"] < counts["simpleresnet"] < counts["minivgg"]
+def test_simplecnn_stays_three_conv_bn_relu_blocks_and_a_linear_head():
+    model = build_model("simplecnn", num_classes=10, model_args={"use_bn": True})
+    kinds = [type(m).__name__ for m in model.modules() if not list(m.children())]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 3 + ["Flatten", "Linear"]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [96, 192, 384]
+    # 3x3 convs without bias (BN follows), BN scale+shift, 384*4*4 -> 10 head
+    expected = 9 * (3 * 96 + 96 * 192 + 192 * 384) + 2 * (96 + 192 + 384) + 384 * 16 * 10 + 10
+    assert count_parameters(model) == expected
 
 
 def test_next_step_models_have_their_published_shapes():
@@ -87,7 +93,7 @@ def test_forward_flops_matches_the_hand_count_and_leaves_the_model_alone():
     model.train()
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
-    convs = [(3, 64, 32), (64, 128, 16), (128, 256, 8)]  # (c_in, c_out, spatial size)
-    expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 256 * 16 * 10
+    convs = [(3, 96, 32), (96, 192, 16), (192, 384, 8)]  # (c_in, c_out, spatial size)
+    expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 384 * 16 * 10
     assert forward_flops(model, torch.randn(2, 3, 32, 32)) == expected
     assert model.training and torch.equal(bn.running_mean, stats)
