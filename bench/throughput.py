@@ -17,8 +17,8 @@ settings, exactly as ``dvc exp run -S model=<name>`` would:
     (``train.loader: folder``): b/c' is what the data path alone is worth.
 
 Then the compute bound again under each compute setting (channels_last, torch.compile,
-batch 256, 1 thread), so defaults are chosen by measurement. Needs the prepared data
-(``dvc repro prepare``, or ``--data`` pointing at another prepared ``data/``).
+2x batch, 1 thread, optimizer not fused), so defaults are chosen by measurement. Needs the
+prepared data (``dvc repro prepare``, or ``--data`` pointing at another prepared ``data/``).
 Writes the table to bench/RESULTS.md unless --no-write; --json prints the figures.
 """
 
@@ -79,9 +79,9 @@ def _model(name: str, device: torch.device, cfg: TrainConfig) -> tuple[nn.Module
 class Runner:
     """A model, its optimizer and a batch source, timed in windows of ``steps`` batches."""
 
-    def __init__(self, model, batches, cfg: TrainConfig, device):
+    def __init__(self, model, batches, cfg: TrainConfig, device, fused: bool = True):
         self.model, self.batches, self.cfg, self.device = model, iter(batches), cfg, device
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = make_optimizer(model, cfg, fused=fused)
         self.schedule = make_schedule(self.optimizer, replace(cfg, scheduler="none"), 1)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
@@ -134,13 +134,13 @@ def _forever(loader):
         yield from loader
 
 
-def compute_bound_runner(name, packed, cfg, device) -> Runner:
+def compute_bound_runner(name, packed, cfg, device, fused: bool = True) -> Runner:
     model, channels_last = _model(name, device, cfg)
     x = Normalize(device)(packed.images[: cfg.batch_size].to(device))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = packed.labels[: cfg.batch_size].to(device)
-    return Runner(model, itertools.repeat((x, y)), cfg, device)
+    return Runner(model, itertools.repeat((x, y)), cfg, device, fused)
 
 
 def pipeline_runner(name, packed, cfg, device) -> Runner:
@@ -183,8 +183,8 @@ def notebook_runner(name, data_dir, n, cfg, device, as_notebook: bool) -> Runner
     return Runner(model, _forever(loader), cfg, device)
 
 
-def compute_bound(name, packed, cfg, device, warmup, steps, min_seconds) -> float:
-    runner = compute_bound_runner(name, packed, cfg, device)
+def compute_bound(name, packed, cfg, device, warmup, steps, min_seconds, fused=True) -> float:
+    runner = compute_bound_runner(name, packed, cfg, device, fused)
     return measure([runner], warmup, steps, min_seconds)[0]
 
 
@@ -201,6 +201,7 @@ VARIANTS = {
     "compile": lambda c: replace(c, compile=True),
     "2x batch": lambda c: replace(c, batch_size=2 * c.batch_size),
     "1 thread": lambda c: c,  # set around the call
+    "optimizer not fused": lambda c: c,  # passed to the runner
 }
 
 
@@ -251,8 +252,9 @@ def run(args) -> dict:
                     torch.set_num_threads(1)
                 try:
                     warm = w + (5 if "compile" in label else 0)
+                    fused = label != "optimizer not fused"
                     row["variants"][label] = compute_bound(
-                        name, packed, change(cfg), device, warm, s, t
+                        name, packed, change(cfg), device, warm, s, t, fused
                     )
                 finally:
                     torch.set_num_threads(threads)

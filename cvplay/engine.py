@@ -63,13 +63,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
     """SGD or AdamW, fused (one kernel over all parameters) on CPU and CUDA: measured on the
     2-core CPU, the mlp's SGD step takes 0.6 ms fused against 2.4 ms with foreach, 6% of
-    its whole training step (bench/RESULTS.md)."""
+    its whole training step (bench/RESULTS.md). ``fused=False``: PyTorch's default."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias)
     device = next(model.parameters()).device
-    fused = True if device.type in ("cpu", "cuda") else None
+    fused = True if fused and device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "sgd":
         nesterov = cfg.nesterov and cfg.momentum > 0
         return torch.optim.SGD(

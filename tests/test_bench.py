@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.throughput import recipe, table
+from bench.throughput import VARIANTS, recipe, table
 from cvplay.config import load_params
 from cvplay.prepare import prepare
 from tests.conftest import ROOT, tool_env
@@ -23,7 +23,7 @@ def prepared(tiny_folder, tmp_path_factory) -> Path:
 def test_json_has_the_three_figures_per_model(prepared):
     cmd = [sys.executable, "-m", "bench.throughput", "--data", str(prepared), "--models",
            "mlp,simplecnn", "--steps", "2", "--warmup", "1", "--batch-size", "16",
-           "--no-variants", "--no-write", "--json"]  # fmt: skip
+           "--min-seconds", "0", "--no-variants", "--no-write", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
@@ -33,6 +33,17 @@ def test_json_has_the_three_figures_per_model(prepared):
         assert set(row) == rates | {"batch_size", "window_steps"}
         assert all(row[k] > 0 for k in rates)
         assert row["batch_size"] == 16 and row["window_steps"] >= 2
+
+
+def test_variants_time_every_compute_setting(prepared):
+    cmd = [sys.executable, "-m", "bench.throughput", "--data", str(prepared), "--models",
+           "simplecnn", "--steps", "2", "--warmup", "1", "--batch-size", "8",
+           "--min-seconds", "0", "--no-write", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    variants = json.loads(proc.stdout)["simplecnn"]["variants"]
+    assert list(variants) == list(VARIANTS)
+    assert all(v > 0 for v in variants.values())
 
 
 def test_each_model_trains_with_its_recipe():
