@@ -42,6 +42,7 @@ def row(command: str) -> tuple[str, str]:
     recipe = (
         f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
         f"ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
+        + (f" pad {t.crop_padding}" if t.augment == "crop_flip" else "")
         + (" tta" if params.eval.tta else "")
     )
     mflops = train.get("forward_mflops")

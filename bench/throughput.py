@@ -154,13 +154,14 @@ def pipeline_runner(name, packed, cfg, device) -> Runner:
         seed=0,
         channels_last=channels_last,
         augment=cfg.augment,
+        crop_padding=cfg.crop_padding,
     )
     return Runner(model, _forever(loader), cfg, device)
 
 
 # What the notebook did for every model (../shared/docs/MISSION.md): RandomCrop(32,
 # padding=4) + RandomHorizontalFlip + ToTensor + Normalize, a plain NCHW eager model.
-NOTEBOOK = {"augment": "crop_flip", "channels_last": False, "compile": False}
+NOTEBOOK = {"augment": "crop_flip", "crop_padding": 4, "channels_last": False, "compile": False}
 
 
 def notebook_runner(name, data_dir, n, cfg, device, as_notebook: bool) -> Runner:
@@ -178,6 +179,7 @@ def notebook_runner(name, data_dir, n, cfg, device, as_notebook: bool) -> Runner
         seed=0,
         num_workers=2,
         augment=cfg.augment,
+        crop_padding=cfg.crop_padding,
     )
     model, _ = _model(name, device, cfg)
     return Runner(model, _forever(loader), cfg, device)

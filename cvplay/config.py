@@ -79,9 +79,12 @@ class TrainConfig:
     # the decay per step (e.g. 0.99); 0 = off.
     ema: float = 0.0
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
-    # Training augmentation: "crop_flip" (RandomCrop(32, padding=4) + horizontal flip),
-    # "flip" (flip only) or "none".
+    # Training augmentation: "crop_flip" (RandomCrop(32, padding=crop_padding) + horizontal
+    # flip), "flip" (flip only) or "none".
     augment: str = "crop_flip"
+    # Zero padding around each image before the random crop: crops shift it by up to this
+    # many pixels each way (crop_flip only).
+    crop_padding: int = 4
     # "packed": uint8 tensors resident on the device, batch augmentation by indexing.
     # "folder": torchvision ImageFolder + per-sample transforms in DataLoader workers.
     loader: str = "packed"
@@ -273,6 +276,11 @@ def validate(params: Params) -> Params:
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(t.scheduler, SCHEDULERS, "train.scheduler")
     _choice(t.augment, AUGMENTS, "train.augment")
+    _check(
+        1 <= t.crop_padding <= 16,
+        "train.crop_padding",
+        f"must be between 1 and 16 (pixels), got {t.crop_padding}",
+    )
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     _check(
         t.warmup_epochs < t.epochs or t.scheduler != "cosine",

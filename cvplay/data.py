@@ -28,18 +28,18 @@ from cvplay.errors import CvplayError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-PAD = 4  # RandomCrop(32, padding=4)
+PAD = 4  # RandomCrop(32, padding=4): the default train.crop_padding
 
 
 class PreparedDataError(CvplayError):
     """Prepared data under data/ is missing or stale."""
 
 
-def train_transform(augment: str = "crop_flip") -> transforms.Compose:
-    """``augment``: "crop_flip" (RandomCrop(32, padding=4) + flip), "flip" or "none"."""
+def train_transform(augment: str = "crop_flip", pad: int = PAD) -> transforms.Compose:
+    """``augment``: "crop_flip" (RandomCrop(32, padding=pad) + flip), "flip" or "none"."""
     steps = []
     if augment == "crop_flip":
-        steps.append(transforms.RandomCrop(32, padding=PAD))
+        steps.append(transforms.RandomCrop(32, padding=pad))
     if augment in ("crop_flip", "flip"):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(
@@ -164,11 +164,12 @@ def crop_flip(
 
 
 def augment_params(
-    n: int, crop: bool, flip: bool, generator: torch.Generator
+    n: int, crop: bool, flip: bool, generator: torch.Generator, pad: int = PAD
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop offsets (2 x n; zeros without ``crop``) and flips (n) of one batch."""
+    """Crop offsets (2 x n, into images padded by ``pad``; zeros without ``crop``) and flips
+    (n) of one batch."""
     if crop:
-        return crop_flip_params(n, 2 * PAD + 1, generator)
+        return crop_flip_params(n, 2 * pad + 1, generator)
     dev = generator.device
     offsets = torch.zeros(2, n, dtype=torch.long, device=dev)
     if flip:
@@ -176,14 +177,16 @@ def augment_params(
     return offsets, torch.zeros(n, dtype=torch.bool, device=dev)
 
 
-def augmented_samples(images: torch.Tensor, augment: str, seed: int) -> torch.Tensor:
+def augmented_samples(
+    images: torch.Tensor, augment: str, seed: int, pad: int = PAD
+) -> torch.Tensor:
     """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
     from a generator of their own (the training run's RNGs are not touched)."""
     crop = augment == "crop_flip"
-    offsets, flip = augment_params(
-        len(images), crop, augment in ("crop_flip", "flip"), torch.Generator().manual_seed(seed)
-    )
-    pixels = pack_pixels(images, PAD if crop else 0)
+    flip = augment in ("crop_flip", "flip")
+    generator = torch.Generator().manual_seed(seed)
+    offsets, flip = augment_params(len(images), crop, flip, generator, pad)
+    pixels = pack_pixels(images, pad if crop else 0)
     return crop_flip(pixels, torch.arange(len(images)), offsets, flip, images.shape[-1])
 
 
@@ -244,6 +247,7 @@ class PackedLoader(DeviceBatches):
         world: int = 1,
         channels_last: bool = False,
         augment: str = "crop_flip",
+        crop_padding: int = PAD,
     ):
         super().__init__(
             packed.labels,
@@ -258,13 +262,14 @@ class PackedLoader(DeviceBatches):
         self.crop = train and augment == "crop_flip"
         self.flip = train and augment in ("crop_flip", "flip")
         # Padded once up front (zeros, as RandomCrop's padding), not per batch.
-        self.pixels = pack_pixels(packed.images, PAD if self.crop else 0).to(device)
+        self.pad = crop_padding
+        self.pixels = pack_pixels(packed.images, self.pad if self.crop else 0).to(device)
         self.size = packed.images.shape[-1]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.normalize = Normalize(device, fmt)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets, flip = augment_params(len(idx), self.crop, self.flip, self.generator)
+        offsets, flip = augment_params(len(idx), self.crop, self.flip, self.generator, self.pad)
         idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
         x = crop_flip(self.pixels, idx, offsets, flip, self.size)
         return self.normalize(x), self.labels[idx]
@@ -305,8 +310,10 @@ def folder_loader(
     seed: int,
     num_workers: int,
     augment: str = "crop_flip",
+    crop_padding: int = PAD,
 ) -> DeviceLoader:
-    dataset = _image_folder(root, train_transform(augment) if train else eval_transform())
+    transform = train_transform(augment, crop_padding) if train else eval_transform()
+    dataset = _image_folder(root, transform)
     subset = Subset(dataset, indices.tolist()) if indices is not None else dataset
     loader = DataLoader(
         subset,

@@ -48,7 +48,8 @@ def make_loaders(
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
     elif t.loader == "packed":
         fmt = {"channels_last": channels_last}
-        train = PackedLoader(packed, train_idx, train=True, augment=t.augment, **common, **fmt)
+        aug = {"augment": t.augment, "crop_padding": t.crop_padding}
+        train = PackedLoader(packed, train_idx, train=True, **aug, **common, **fmt)
         val = PackedLoader(packed, val_idx, train=False, **common, **fmt)
     elif ddp.world > 1:
         raise CvplayError(
@@ -63,6 +64,7 @@ def make_loaders(
             batch_size=t.batch_size,
             train=True,
             augment=t.augment,
+            crop_padding=t.crop_padding,
             **common,
         )
         val = folder_loader(
@@ -229,11 +231,14 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(params.seed))
     shown = train_idx[pick[:32]]
     augment = params.train.augment if images else "none"
+    pad = params.train.crop_padding
     plot_image_grid(
-        augmented_samples(packed.images[shown], augment, params.seed),
+        augmented_samples(packed.images[shown], augment, params.seed, pad),
         [classes[i] for i in packed.labels[shown].tolist()],
         paths.AUGMENTED_PNG,
-        title=f"training samples as {params.model} sees them (augment: {augment}; "
+        title=f"training samples as {params.model} sees them (augment: {augment}"
+        + (f", padding {pad}" if augment == "crop_flip" else "")
+        + "; "
         "before normalisation)",
     )
     # metrics/ holds only what params, seed and data decide (byte-identical across runs on

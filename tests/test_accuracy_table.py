@@ -1,7 +1,8 @@
 """bench/accuracy.py: the ACCURACY.md row of a finished run, replaced per model."""
 
 import json
-import shutil
+
+import yaml
 
 from bench.accuracy import BEGIN, END, main, upsert
 from tests.conftest import ROOT
@@ -20,7 +21,13 @@ def test_upsert_replaces_the_models_row_and_keeps_the_others():
 
 
 def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, capsys):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"] = "simplecnn"
+    raw["models"]["simplecnn"] = {
+        **{"batch_size": 64, "lr": 0.05, "weight_decay": 0.0005, "optimizer": "sgd"},
+        **{"scheduler": "onecycle", "label_smoothing": 0.1, "ema": 0.99, "crop_padding": 2},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "train.json").write_text(
         json.dumps(
@@ -39,5 +46,5 @@ def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, c
     main(["--command", "dvc exp run -S model=simplecnn"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("| simplecnn | 0.8612 | 0.8544 | 10 | 412,234 | 79.3 | 20 min 34 s |")
-    assert "sgd lr 0.05 wd 0.0005 onecycle bs 64 ls 0.1 ema 0.99 aug crop_flip tta" in line
+    assert "sgd lr 0.05 wd 0.0005 onecycle bs 64 ls 0.1 ema 0.99 aug crop_flip pad 2 tta" in line
     assert line.endswith("| `dvc exp run -S model=simplecnn` |")

@@ -13,8 +13,8 @@ from cvplay import prepare as prep
 from cvplay.data import (
     Normalize,
     PackedLoader,
+    augment_params,
     crop_flip,
-    crop_flip_params,
     eval_transform,
     folder_loader,
     load_packed,
@@ -203,31 +203,34 @@ def test_normalize_matches_torchvision():
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_crop_flip_produces_valid_crops_of_the_padded_image():
+@pytest.mark.parametrize("pad", [4, 2])
+def test_crop_flip_produces_valid_crops_of_the_padded_image(pad):
     torch.manual_seed(0)
     x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    offsets, flip = crop_flip_params(64, 9, torch.Generator().manual_seed(1))
-    out = crop_flip(pack_pixels(x, 4), torch.arange(64), offsets, flip)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    offsets, flip = augment_params(64, True, True, torch.Generator().manual_seed(1), pad)
+    assert set(offsets.unique().tolist()) == set(range(2 * pad + 1))
+    out = crop_flip(pack_pixels(x, pad), torch.arange(64), offsets, flip)
     assert out.dtype == torch.uint8 and out.shape == (64, 3, 32, 32)
+    span = range(2 * pad + 1)
     for i in range(64):
-        candidates = [
-            padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)
-        ]
+        candidates = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in span for dx in span]
         candidates += [c.flip(-1) for c in candidates]
         assert any(torch.equal(out[i], c) for c in candidates)
 
 
-def test_crop_flip_has_torchvision_randomcrop_flip_distribution():
-    # Statistics of where a marked pixel lands: offsets uniform over 9x9, flips ~ 1/2,
-    # compared with torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip.
+@pytest.mark.parametrize("pad", [4, 2])
+def test_crop_flip_has_torchvision_randomcrop_flip_distribution(pad):
+    # Statistics of where a marked pixel lands: offsets uniform over (2 pad + 1)^2, flips
+    # ~ 1/2, compared with torchvision's RandomCrop(32, padding=pad) + RandomHorizontalFlip.
     n = 4000
     img = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     img[0, 0, 16, 10] = 255
-    offsets, flip = crop_flip_params(n, 9, torch.Generator().manual_seed(0))
-    ours = crop_flip(pack_pixels(img, 4), torch.zeros(n, dtype=torch.long), offsets, flip)
+    offsets, flip = augment_params(n, True, True, torch.Generator().manual_seed(0), pad)
+    ours = crop_flip(pack_pixels(img, pad), torch.zeros(n, dtype=torch.long), offsets, flip)
     torch.manual_seed(0)
-    tf = train_transform().transforms[:2]
+    tf = train_transform("crop_flip", pad).transforms[:2]
+    assert tf[0].padding == pad
     pil = Image.fromarray(img[0].permute(1, 2, 0).numpy())
     theirs = torch.stack(
         [torch.from_numpy(np.array(tf[1](tf[0](pil)))).permute(2, 0, 1) for _ in range(n)]
