@@ -182,10 +182,9 @@ def augmented_samples(
 ) -> torch.Tensor:
     """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
     from a generator of their own (the training run's RNGs are not touched)."""
-    crop = augment == "crop_flip"
-    flip = augment in ("crop_flip", "flip")
+    crop, flips = augment == "crop_flip", augment in ("crop_flip", "flip")
     generator = torch.Generator().manual_seed(seed)
-    offsets, flip = augment_params(len(images), crop, flip, generator, pad)
+    offsets, flip = augment_params(len(images), crop, flips, generator, pad)
     pixels = pack_pixels(images, pad if crop else 0)
     return crop_flip(pixels, torch.arange(len(images)), offsets, flip, images.shape[-1])
 
