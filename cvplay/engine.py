@@ -12,6 +12,7 @@ import math
 import random
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -296,7 +297,13 @@ def save_checkpoint(
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+    """A CPU copy of the state_dict that saves to the same bytes as the state_dict itself:
+    same OrderedDict type and ``_metadata`` (per-module versions), so a best.pt rewritten
+    from it on resume is byte-identical to one written from the model."""
+    state = unwrap(model).state_dict()
+    out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+    out._metadata = state._metadata  # type: ignore[attr-defined]
+    return out
 
 
 def fit(

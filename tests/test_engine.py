@@ -8,11 +8,13 @@ from torch import nn
 from cvplay.config import TrainConfig
 from cvplay.engine import (
     EMA,
+    _cpu_copy,
     accuracy_top1,
     fit,
     infer,
     make_optimizer,
     make_schedule,
+    save_checkpoint,
     set_seed,
     train_one_epoch,
     validate,
@@ -223,3 +225,14 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
         assert torch.allclose(infer(model, x, tta=True), expected)
         assert torch.allclose(infer(model, x.flip(3), tta=True), expected, atol=1e-6)
         assert torch.equal(infer(model, x), model(x))
+
+
+def test_best_weights_copy_saves_to_the_same_bytes_as_the_model(tmp_path):
+    # On resume, best.pt is rewritten from the copy kept in the resume state; it must be
+    # byte-identical to the best.pt written from the model (state_dict type and _metadata).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    meta = {"config": {"model": "x"}}
+    save_checkpoint(tmp_path / "a.pt", model, 1, meta)
+    save_checkpoint(tmp_path / "b.pt", _cpu_copy(model), 1, meta)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
