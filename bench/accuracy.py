@@ -20,6 +20,8 @@ from pathlib import Path
 from bench.throughput import machine
 from cvplay import paths
 from cvplay.config import load_params
+from cvplay.engine import tta_views
+from cvplay.models import MODEL_INPUTS
 
 ACCURACY = Path(__file__).with_name("ACCURACY.md")
 HEADER = (
@@ -39,11 +41,13 @@ def row(command: str) -> tuple[str, str]:
     evaluation = json.loads(Path(paths.METRICS_EVAL).read_text())
     timing = json.loads(Path(paths.TIMING_TRAIN).read_text())
     t = params.train
+    images = MODEL_INPUTS[params.model] == "images"
+    tta = tta_views(params.eval.tta, t.augment) if images else "none"
     recipe = (
         f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
         f"ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
         + (f" pad {t.crop_padding}" if t.augment == "crop_flip" else "")
-        + (" tta" if params.eval.tta else "")
+        + (f" tta {tta}" if tta != "none" else "")
     )
     mflops = train.get("forward_mflops")
     cells = [

@@ -38,6 +38,18 @@ AUGMENTS = ("crop_flip", "flip", "none")
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("packed", "folder")
 BAD_IMAGE_POLICIES = ("error", "skip")  # cvplay.prepare.BAD_IMAGE_POLICIES (not imported: PIL)
+# Test-time augmentation: auto = the views the model was trained on (train.augment crop_flip:
+# flip_translate; flip: flip; none: none). cvplay.engine.tta_views resolves it.
+TTAS = ("auto", "flip_translate", "flip", "none")
+# Keys with a fixed set of values: a value of the wrong type is told the choices too.
+CHOICES = {
+    "train.scheduler": SCHEDULERS,
+    "train.augment": AUGMENTS,
+    "train.optimizer": OPTIMIZERS,
+    "train.loader": LOADERS,
+    "data.on_bad_image": BAD_IMAGE_POLICIES,
+    "eval.tta": TTAS,
+}
 
 
 @dataclass(frozen=True)
@@ -134,9 +146,12 @@ class TransferConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 500
-    # Flip test-time augmentation: average the logits of each image and its mirror image,
-    # for validation during training and for the test split (image models only).
-    tta: bool = True
+    # Test-time augmentation for validation during training and for the test split (image
+    # models only): average the logits of several views of each image. flip: the image and
+    # its mirror; flip_translate: those two (weight 1/2) and both mirrored copies shifted one
+    # pixel up-left and one down-right (1/2); auto: flip_translate for models trained with
+    # crop_flip, flip for flip, none for none.
+    tta: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,14 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _type_error(path: str, tp: Any, value: Any) -> ConfigError:
+    # models.<name>.<key> takes the choices of train.<key>
+    key = "train." + path.rsplit(".", 1)[-1] if path.startswith("models.") else path
+    choices = CHOICES.get(key)
+    hint = f"; choose one of: {', '.join(choices)}" if choices else ""
+    return ConfigError(f"{PARAMS_FILE}: {path}: expected {_type_name(tp)}, got {value!r}{hint}")
+
+
 def _key_path(where: str, key: str) -> str:
     # where is "" at the top level, else the section name: "train" + "epochs" -> "train.epochs"
     return f"{where}.{key}" if where else key
@@ -213,7 +236,7 @@ def _build(cls: type, raw: Any, where: str = "") -> Any:
             kwargs[key] = _build(tp, value, path)
             continue
         if not _matches(value, tp):
-            raise ConfigError(f"{PARAMS_FILE}: {path}: expected {_type_name(tp)}, got {value!r}")
+            raise _type_error(path, tp, value)
         kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
 
@@ -291,6 +314,7 @@ def validate(params: Params) -> Params:
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     _choice(t.loader, LOADERS, "train.loader")
     _check(params.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _choice(params.eval.tta, TTAS, "eval.tta")
     f, tr = params.features, params.transfer
     _check(f.image_size >= 32, "features.image_size", f"must be >= 32, got {f.image_size}")
     _check(f.views in (1, 2), "features.views", f"must be 1 or 2, got {f.views}")
@@ -324,7 +348,7 @@ def _partial(cls: type, raw: Any, where: str) -> dict[str, Any]:
             continue
         tp = hints[key]
         if not _matches(value, tp):
-            raise ConfigError(f"{PARAMS_FILE}: {path}: expected {_type_name(tp)}, got {value!r}")
+            raise _type_error(path, tp, value)
         out[key] = float(value) if tp is float else value
     return out
 
@@ -366,5 +390,11 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 def params_from_dict(resolved: dict[str, Any]) -> Params:
-    """Rebuild Params from a checkpoint's saved config (same validation)."""
+    """Rebuild Params from a checkpoint's saved config (same validation).
+
+    Checkpoints from before ``eval.tta`` had choices stored a bool: true meant flip.
+    """
+    tta = resolved.get("eval", {}).get("tta")
+    if isinstance(tta, bool):
+        resolved = {**resolved, "eval": {**resolved["eval"], "tta": "flip" if tta else "none"}}
     return parse_params(resolved)

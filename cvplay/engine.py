@@ -219,13 +219,43 @@ def train_one_epoch(
     return _epoch_stats(sums, seen)
 
 
-def infer(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta: bool = False):
-    """Float logits; with ``tta`` the mean of the logits of ``x`` and its mirror image
-    (flip test-time augmentation; ``x`` is B x C x H x W)."""
+def tta_views(tta: str, augment: str) -> str:
+    """The test-time augmentation ``eval.tta`` asks for; ``auto`` follows ``train.augment``
+    (the model is only shown views like those it was trained on: an MLP trained with flips
+    alone is not shown shifted images)."""
+    if tta != "auto":
+        return tta
+    return {"crop_flip": "flip_translate", "flip": "flip", "none": "none"}[augment]
+
+
+def shift_one_pixel(x: torch.Tensor, step: int) -> torch.Tensor:
+    """``x`` (B x C x H x W) moved one pixel down and right (``step`` 1) or up and left
+    (-1); the uncovered row and column repeat the edge's neighbour (reflection)."""
+    h, w = x.shape[-2:]
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    out = padded[..., 1 - step : 1 - step + h, 1 - step : 1 - step + w]
+    nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
+def infer(model: nn.Module, x: torch.Tensor, *, amp: bool = False, tta: str = "none"):
+    """Float logits of ``x`` (B x C x H x W), averaged over the test-time views of ``tta``:
+    ``none``; ``flip``, the image and its mirror image; ``flip_translate``, those (weight
+    1/2) and the mirror pairs of the image shifted one pixel down-right and up-left (1/2),
+    as airbench evaluates. Each view is one forward pass of the batch."""
+    if tta not in ("none", "flip", "flip_translate"):
+        raise ValueError(f"tta must be 'none', 'flip' or 'flip_translate', got {tta!r}")
     with autocast(x.device, amp):
         logits = model(x).float()
-        if tta:
-            logits = (logits + model(x.flip(3)).float()) / 2
+        if tta == "none":
+            return logits
+        logits = (logits + model(x.flip(3)).float()) / 2
+        if tta == "flip_translate":
+            shifted = 0
+            for step in (1, -1):
+                s = shift_one_pixel(x, step)
+                shifted = shifted + model(s).float() + model(s.flip(3)).float()
+            logits = logits / 2 + shifted / 8
     return logits
 
 
@@ -234,7 +264,7 @@ def predict_logits(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     amp: bool = False,
-    tta: bool = False,
+    tta: str = "none",
 ):
     """All logits and labels of a loader, gathered on the device and moved to the CPU once."""
     model.eval()
@@ -250,7 +280,7 @@ def validate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     amp: bool = False,
-    tta: bool = False,
+    tta: str = "none",
 ) -> dict[str, float]:
     """Sample-averaged loss and accuracy (over all ranks' shards when distributed)."""
     model.eval()
@@ -319,14 +349,14 @@ def fit(
     schedule: Schedule | None = None,
     device: torch.device | None = None,
     write: bool = True,
-    tta: bool = False,
+    tta: str = "none",
     resume: ResumeStore | None = None,
 ) -> FitResult:
     """Train for ``cfg.epochs``; keep ``best.pt`` (by val accuracy) and ``last.pt``.
 
     The optimizer and schedule come from ``cfg`` unless the caller brings its own. With
     ``cfg.ema`` the weight average is what is validated and saved; ``tta`` validates with
-    flip test-time augmentation. ``write=False`` (ranks other than 0) trains in step but
+    those test-time views (``infer``). ``write=False`` (ranks other than 0) trains in step but
     writes no checkpoint.
 
     With ``resume``, the full training state is saved after every epoch and, if a saved

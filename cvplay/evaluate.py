@@ -9,7 +9,7 @@ import torch
 from cvplay import paths
 from cvplay.config import Params, params_from_dict
 from cvplay.data import PackedLoader, load_packed
-from cvplay.engine import pick_device, predict_logits
+from cvplay.engine import pick_device, predict_logits, tta_views
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.models import MODEL_INPUTS, build_model
@@ -62,8 +62,10 @@ def run_evaluate(params: Params) -> dict:
             f"{test_path}: classes {test_classes} differ from the checkpoint's {classes}; "
             "run 'dvc repro' to retrain on the prepared data"
         )
-    # Flip TTA mirrors images; the features models get precomputed activations instead.
-    tta = params.eval.tta and MODEL_INPUTS[cfg.model] == "images"
+    # TTA views are of images; the features models get precomputed activations instead.
+    # auto follows the augmentation the checkpoint was trained with.
+    images = MODEL_INPUTS[cfg.model] == "images"
+    tta = tta_views(params.eval.tta, cfg.train.augment) if images else "none"
     logits, labels = predict_logits(model, loader, tta=tta)
     preds = logits.argmax(1)
     n = len(classes)

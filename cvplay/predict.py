@@ -4,13 +4,14 @@ Each file takes the path a test image takes through the pipeline, by the same co
 - decoding: the prepare stage's ``decode_image`` (any mode to RGB, 16-bit gray's top 8 bits,
   transparency onto black, bilinear resize to the checkpoint's ``data.image_size``), with
   truncated files refused as prepare refuses them;
-- the evaluation normalisation (``cvplay.data.Normalize``), and the flip TTA of evaluation
-  when the checkpoint's ``eval.tta`` is set and the model takes images;
+- the evaluation normalisation (``cvplay.data.Normalize``), and the test-time augmentation
+  of evaluation (the checkpoint's ``eval.tta``, ``cvplay.engine.tta_views``) when the model
+  takes images;
 - ``model=resnet18`` (transfer: trained on precomputed features) gets the features stage's
   frozen stem..layer3 rebuilt from the checkpoint's ``features.weights``.
 
-Files are decoded and classified ``batch_size`` at a time (one model call per batch, two
-with TTA), so memory stays flat for any number of files.
+Files are decoded and classified ``batch_size`` at a time (one model call per batch and TTA
+view), so memory stays flat for any number of files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from cvplay import paths
 from cvplay.data import Normalize
-from cvplay.engine import infer, pick_device
+from cvplay.engine import infer, pick_device, tta_views
 from cvplay.evaluate import load_checkpoint
 from cvplay.models import MODEL_INPUTS
 from cvplay.prepare import BadImageError, decode_image, is_image_file, strict_truncation
@@ -98,8 +99,8 @@ class Predictor:
         self.classes = list(ckpt["classes"])
         self.image_size = cfg.data.image_size
         takes_images = MODEL_INPUTS[cfg.model] == "images"
-        # As in evaluation: flip TTA for image models only (features are precomputed).
-        self.tta = cfg.eval.tta and takes_images
+        # As in evaluation: TTA views for image models only (features are precomputed).
+        self.tta = tta_views(cfg.eval.tta, cfg.train.augment) if takes_images else "none"
         self.normalize = Normalize(self.device)
         self.stem = None
         if not takes_images:

@@ -21,7 +21,15 @@ from cvplay.data import (
     split_indices,
 )
 from cvplay.distributed import Dist, close_distributed, init_distributed
-from cvplay.engine import FitResult, fit, make_schedule, pick_device, set_seed, unwrap
+from cvplay.engine import (
+    FitResult,
+    fit,
+    make_schedule,
+    pick_device,
+    set_seed,
+    tta_views,
+    unwrap,
+)
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.models import MODEL_INPUTS, build_model, count_parameters, forward_flops
@@ -220,7 +228,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         schedule=schedule,
         device=device,
         write=ddp.is_main,
-        tta=params.eval.tta and images,
+        tta=tta_views(params.eval.tta, params.train.augment) if images else "none",
         resume=resume,
     )
     if not ddp.is_main:

@@ -46,5 +46,6 @@ def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, c
     main(["--command", "dvc exp run -S model=simplecnn"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("| simplecnn | 0.8612 | 0.8544 | 10 | 412,234 | 79.3 | 20 min 34 s |")
-    assert "sgd lr 0.05 wd 0.0005 onecycle bs 64 ls 0.1 ema 0.99 aug crop_flip pad 2 tta" in line
+    recipe = "sgd lr 0.05 wd 0.0005 onecycle bs 64 ls 0.1 ema 0.99 aug crop_flip pad 2"
+    assert f"{recipe} tta flip_translate" in line
     assert line.endswith("| `dvc exp run -S model=simplecnn` |")

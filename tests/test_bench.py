@@ -6,11 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from bench.throughput import VARIANTS, recipe, table
-from cvplay.config import load_params
+from cvplay.config import load_params, parse_params
+from cvplay.data import Normalize, load_packed, split_indices
+from cvplay.engine import save_checkpoint
+from cvplay.models import build_model
 from cvplay.prepare import prepare
-from tests.conftest import ROOT, tool_env
+from tests.conftest import ROOT, tiny_params, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +72,27 @@ def test_table_shows_ratios():
     row = {"compute_bound": 100.0, "pipeline": 95.0, "notebook": 19.0}
     text = table({"mlp": {**row, "folder_loader": 38.0, "batch_size": 256}})
     assert "| mlp | 256 | 100 | 95 | 19 | 0.95 | 5.00 | 38 | 2.50 |" in text
+
+
+def test_tta_bench_scores_the_checkpoints_own_val_split(prepared, tmp_path):
+    # an untrained simplecnn saved as the pipeline saves it: the scores are what its views
+    # give on this split, whatever they are
+    params = parse_params(yaml.safe_load(tiny_params(prepared.parent, model="simplecnn")))
+    torch.manual_seed(0)
+    model = build_model("simplecnn", num_classes=4, model_args=params.model_kwargs()).eval()
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(ckpt, model, 1, {"config": params.to_dict(), "classes": list("abcd")})
+    cmd = [sys.executable, "-m", "bench.tta", "--checkpoint", str(ckpt), "--data", str(prepared)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r.split("|")[1:4] for r in proc.stdout.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["`none`", "`flip`", "`flip_translate`"]
+    # the none row is plain argmax accuracy on the checkpoint's 20 val images (seed 42)
+    train = load_packed(prepared / "packed" / "train.pt")
+    _, val_idx = split_indices(len(train.labels), 20, params.seed)
+    x = Normalize(torch.device("cpu"))(train.images[val_idx])
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == train.labels[val_idx]).float().mean().item()
+    assert float(rows[0][1]) == pytest.approx(expected, abs=5e-5)
+    for _, val, test in rows:
+        assert 0 <= float(val) <= 1 and 0 <= float(test) <= 1

@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvplay.config import ConfigError, Params, TrainConfig, load_params, parse_params
+from cvplay.config import (
+    ConfigError,
+    Params,
+    TrainConfig,
+    load_params,
+    params_from_dict,
+    parse_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +102,18 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
         (lambda p: p["data"].update(val_split=1.5), "data.val_split: must be a count"),
         (lambda p: p["train"].update(epochs=True), "train.epochs: expected int, got True"),
         (lambda p: p.update(train=[1, 2]), "train: expected a mapping"),
+        (
+            lambda p: p["eval"].update(tta="mirror"),
+            "eval.tta: unknown choice 'mirror'; choose one of: auto, flip_translate, flip, none",
+        ),
+        (
+            lambda p: p["eval"].update(tta=True),
+            "eval.tta: expected str, got True; choose one of: auto, flip_translate, flip, none",
+        ),
+        (
+            lambda p: p["models"]["simplecnn"].update(optimizer=1),
+            "models.simplecnn.optimizer: expected str, got 1; choose one of: sgd, adamw",
+        ),
     ],
 )
 def test_bad_params_fail_with_a_message_naming_the_key(mutate, message):
@@ -133,3 +152,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_params(bad)
+
+
+def test_checkpoints_that_stored_tta_as_a_bool_still_load():
+    raw = real_params()
+    for stored, views in ((True, "flip"), (False, "none")):
+        raw["eval"]["tta"] = stored
+        assert params_from_dict(raw).eval.tta == views

@@ -16,7 +16,9 @@ from cvplay.engine import (
     make_schedule,
     save_checkpoint,
     set_seed,
+    shift_one_pixel,
     train_one_epoch,
+    tta_views,
     validate,
 )
 
@@ -222,9 +224,56 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     model(x)
     with torch.no_grad():
         expected = (model(x) + model(x.flip(3))) / 2
-        assert torch.allclose(infer(model, x, tta=True), expected)
-        assert torch.allclose(infer(model, x.flip(3), tta=True), expected, atol=1e-6)
+        assert torch.allclose(infer(model, x, tta="flip"), expected)
+        assert torch.allclose(infer(model, x.flip(3), tta="flip"), expected, atol=1e-6)
         assert torch.equal(infer(model, x), model(x))
+        assert torch.equal(infer(model, x, tta="none"), model(x))
+
+
+def test_shift_one_pixel_moves_the_image_and_reflects_at_the_edge():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    down_right = shift_one_pixel(x, 1)[0, 0]
+    assert torch.equal(down_right[1:, 1:], x[0, 0, :3, :3])  # content moved by (+1, +1)
+    assert torch.equal(down_right[0, 1:], x[0, 0, 1, :3])  # row -1 reflects row 1
+    up_left = shift_one_pixel(x, -1)[0, 0]
+    assert torch.equal(up_left[:3, :3], x[0, 0, 1:, 1:])
+    assert torch.equal(up_left[3, :3], x[0, 0, 2, 1:])  # row 4 reflects row 2
+    nhwc = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    assert shift_one_pixel(nhwc, 1).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_flip_translate_tta_weighs_the_flip_pair_half_and_the_shifted_pairs_half():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    model(x)
+
+    def pair(v):
+        return (model(v) + model(v.flip(3))) / 2
+
+    with torch.no_grad():
+        shifted = (pair(shift_one_pixel(x, 1)) + pair(shift_one_pixel(x, -1))) / 2
+        expected = (pair(x) + shifted) / 2
+        got = infer(model, x, tta="flip_translate")
+        torch.testing.assert_close(got, expected)
+        assert not torch.allclose(got, pair(x), atol=1e-4)  # the shifted views count
+    with pytest.raises(ValueError, match="tta must be"):
+        infer(model, x, tta=True)
+
+
+@pytest.mark.parametrize(
+    ("tta", "augment", "views"),
+    [
+        ("auto", "crop_flip", "flip_translate"),
+        ("auto", "flip", "flip"),
+        ("auto", "none", "none"),
+        ("flip", "crop_flip", "flip"),
+        ("flip_translate", "flip", "flip_translate"),
+        ("none", "crop_flip", "none"),
+    ],
+)
+def test_auto_tta_shows_the_model_the_views_it_was_trained_on(tta, augment, views):
+    assert tta_views(tta, augment) == views
 
 
 def test_best_weights_copy_saves_to_the_same_bytes_as_the_model(tmp_path):

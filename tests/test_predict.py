@@ -26,7 +26,7 @@ from cvplay import paths
 from cvplay.__main__ import main
 from cvplay.config import parse_params
 from cvplay.data import PackedLoader, load_packed
-from cvplay.engine import predict_logits
+from cvplay.engine import predict_logits, tta_views
 from cvplay.evaluate import load_checkpoint
 from cvplay.predict import Predictor, format_table, list_inputs, predict
 from cvplay.prepare import prepare, read_image_folder
@@ -73,7 +73,7 @@ def _agrees_with_evaluation(project: Path, checkpoint: Path, loader_of) -> None:
     """Predicting the prepared test PNGs gives the evaluate stage's probabilities."""
     model, cfg, ckpt = load_checkpoint(checkpoint, CPU)
     loader = loader_of(cfg)
-    tta = cfg.eval.tta and cfg.model != "resnet18"
+    tta = tta_views(cfg.eval.tta, cfg.train.augment) if cfg.model != "resnet18" else "none"
     logits, labels = predict_logits(model, loader, tta=tta)
     expected = logits.softmax(1)
     preds = predict([project / paths.TEST_DIR], checkpoint=checkpoint, topk=99, device=CPU)
@@ -93,7 +93,8 @@ def test_image_model_agrees_with_evaluation_and_learns_the_classes(project):
         return PackedLoader(test, torch.arange(len(test.labels)), **common)
 
     predictor = Predictor(checkpoint, CPU)
-    assert (predictor.model_name, predictor.tta) == ("mlp", True)
+    # auto TTA: the mlp trains with flips only, so it is shown the flip pair, no shifts
+    assert (predictor.model_name, predictor.tta) == ("mlp", "flip")
     _agrees_with_evaluation(project, checkpoint, loader_of)
     # the source files (JPEG and PNG, not the prepared copies) are classified by colour;
     # big.png is a flat grey 40x40 image of no class colour
@@ -114,7 +115,7 @@ def test_features_model_rebuilds_the_frozen_backbone_and_agrees_with_evaluation(
         return FeatureLoader(path, None, batch_size=500, device=CPU, train=False, seed=0)
 
     predictor = Predictor(checkpoint, CPU)
-    assert predictor.stem is not None and not predictor.tta
+    assert predictor.stem is not None and predictor.tta == "none"
     _agrees_with_evaluation(project, checkpoint, loader_of)
 
 
