@@ -84,12 +84,12 @@ class ConvBlock(nn.Sequential):
 class SimpleCNN(nn.Module):
     """Three ConvBlocks (32x32 -> 4x4) and a linear head.
 
-    Widths 96/192/384: 32/64/128 reached 0.80 val accuracy in 10 epochs and 64/128/256
-    (4x the FLOPs) 0.83, both with train accuracy no higher than val: too narrow to fit
-    CIFAR-10 in 10 epochs. See bench/ACCURACY.md.
+    Widths 128/256/512: in 10 epochs 32/64/128 reached 0.80 val accuracy, 64/128/256 (4x
+    the FLOPs) 0.83 and 96/192/384 (2.2x more) 0.84, each with train accuracy (augmented)
+    near val: too narrow to fit CIFAR-10 in 10 epochs. See bench/ACCURACY.md.
     """
 
-    def __init__(self, *, num_classes: int, use_bn: bool = True, widths=(96, 192, 384)):
+    def __init__(self, *, num_classes: int, use_bn: bool = True, widths=(128, 256, 512)):
         super().__init__()
         c1, c2, c3 = widths
         self.features = nn.Sequential(

@@ -68,9 +68,9 @@ def test_simplecnn_stays_three_conv_bn_relu_blocks_and_a_linear_head():
     kinds = [type(m).__name__ for m in model.modules() if not list(m.children())]
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 3 + ["Flatten", "Linear"]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [96, 192, 384]
-    # 3x3 convs without bias (BN follows), BN scale+shift, 384*4*4 -> 10 head
-    expected = 9 * (3 * 96 + 96 * 192 + 192 * 384) + 2 * (96 + 192 + 384) + 384 * 16 * 10 + 10
+    assert [c.out_channels for c in convs] == [128, 256, 512]
+    # 3x3 convs without bias (BN follows), BN scale+shift, 512*4*4 -> 10 head
+    expected = 9 * (3 * 128 + 128 * 256 + 256 * 512) + 2 * (128 + 256 + 512) + 512 * 16 * 10 + 10
     assert count_parameters(model) == expected
 
 
@@ -93,7 +93,7 @@ def test_forward_flops_matches_the_hand_count_and_leaves_the_model_alone():
     model.train()
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
-    convs = [(3, 96, 32), (96, 192, 16), (192, 384, 8)]  # (c_in, c_out, spatial size)
-    expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 384 * 16 * 10
+    convs = [(3, 128, 32), (128, 256, 16), (256, 512, 8)]  # (c_in, c_out, spatial size)
+    expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 512 * 16 * 10
     assert forward_flops(model, torch.randn(2, 3, 32, 32)) == expected
     assert model.training and torch.equal(bn.running_mean, stats)
