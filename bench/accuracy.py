@@ -21,7 +21,6 @@ from bench.throughput import machine
 from cvplay import paths
 from cvplay.config import load_params
 from cvplay.engine import tta_views
-from cvplay.models import MODEL_INPUTS
 
 ACCURACY = Path(__file__).with_name("ACCURACY.md")
 HEADER = (
@@ -41,8 +40,7 @@ def row(command: str) -> tuple[str, str]:
     evaluation = json.loads(Path(paths.METRICS_EVAL).read_text())
     timing = json.loads(Path(paths.TIMING_TRAIN).read_text())
     t = params.train
-    images = MODEL_INPUTS[params.model] == "images"
-    tta = tta_views(params.eval.tta, t.augment) if images else "none"
+    tta = tta_views(params.eval.tta, params)
     recipe = (
         f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
         f"ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cvplay.config import TrainConfig
+from cvplay.config import Params, TrainConfig
 from cvplay.distributed import reduce_sum
 from cvplay.io import save_torch
+from cvplay.models import MODEL_INPUTS
 from cvplay.resume import ResumeStore, rng_state, set_rng_state
 
 
@@ -219,13 +220,16 @@ def train_one_epoch(
     return _epoch_stats(sums, seen)
 
 
-def tta_views(tta: str, augment: str) -> str:
-    """The test-time augmentation ``eval.tta`` asks for; ``auto`` follows ``train.augment``
-    (the model is only shown views like those it was trained on: an MLP trained with flips
-    alone is not shown shifted images)."""
+def tta_views(tta: str, cfg: Params) -> str:
+    """The test-time views ``infer`` takes for a model trained as ``cfg``: ``none`` for the
+    models fed precomputed features; ``auto`` follows ``cfg.train.augment`` (the model is
+    only shown views like those it was trained on: an MLP trained with flips alone is not
+    shown shifted images)."""
+    if MODEL_INPUTS[cfg.model] != "images":
+        return "none"
     if tta != "auto":
         return tta
-    return {"crop_flip": "flip_translate", "flip": "flip", "none": "none"}[augment]
+    return {"crop_flip": "flip_translate", "flip": "flip", "none": "none"}[cfg.train.augment]
 
 
 def shift_one_pixel(x: torch.Tensor, step: int) -> torch.Tensor:

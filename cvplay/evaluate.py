@@ -62,10 +62,8 @@ def run_evaluate(params: Params) -> dict:
             f"{test_path}: classes {test_classes} differ from the checkpoint's {classes}; "
             "run 'dvc repro' to retrain on the prepared data"
         )
-    # TTA views are of images; the features models get precomputed activations instead.
-    # auto follows the augmentation the checkpoint was trained with.
-    images = MODEL_INPUTS[cfg.model] == "images"
-    tta = tta_views(params.eval.tta, cfg.train.augment) if images else "none"
+    # auto follows the augmentation the checkpoint was trained with
+    tta = tta_views(params.eval.tta, cfg)
     logits, labels = predict_logits(model, loader, tta=tta)
     preds = logits.argmax(1)
     n = len(classes)

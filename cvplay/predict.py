@@ -99,8 +99,7 @@ class Predictor:
         self.classes = list(ckpt["classes"])
         self.image_size = cfg.data.image_size
         takes_images = MODEL_INPUTS[cfg.model] == "images"
-        # As in evaluation: TTA views for image models only (features are precomputed).
-        self.tta = tta_views(cfg.eval.tta, cfg.train.augment) if takes_images else "none"
+        self.tta = tta_views(cfg.eval.tta, cfg)  # as in evaluation
         self.normalize = Normalize(self.device)
         self.stem = None
         if not takes_images:

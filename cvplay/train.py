@@ -228,7 +228,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         schedule=schedule,
         device=device,
         write=ddp.is_main,
-        tta=tta_views(params.eval.tta, params.train.augment) if images else "none",
+        tta=tta_views(params.eval.tta, params),
         resume=resume,
     )
     if not ddp.is_main:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cvplay.config import TrainConfig
+from cvplay.config import Params, TrainConfig
 from cvplay.engine import (
     EMA,
     _cpu_copy,
@@ -262,18 +262,20 @@ def test_flip_translate_tta_weighs_the_flip_pair_half_and_the_shifted_pairs_half
 
 
 @pytest.mark.parametrize(
-    ("tta", "augment", "views"),
+    ("model", "tta", "augment", "views"),
     [
-        ("auto", "crop_flip", "flip_translate"),
-        ("auto", "flip", "flip"),
-        ("auto", "none", "none"),
-        ("flip", "crop_flip", "flip"),
-        ("flip_translate", "flip", "flip_translate"),
-        ("none", "crop_flip", "none"),
+        ("simplecnn", "auto", "crop_flip", "flip_translate"),
+        ("simplecnn", "auto", "flip", "flip"),
+        ("simplecnn", "auto", "none", "none"),
+        ("simplecnn", "flip", "crop_flip", "flip"),
+        ("simplecnn", "flip_translate", "flip", "flip_translate"),
+        ("simplecnn", "none", "crop_flip", "none"),
+        ("resnet18", "flip", "crop_flip", "none"),  # fed precomputed features, not images
     ],
 )
-def test_auto_tta_shows_the_model_the_views_it_was_trained_on(tta, augment, views):
-    assert tta_views(tta, augment) == views
+def test_auto_tta_shows_the_model_the_views_it_was_trained_on(model, tta, augment, views):
+    cfg = Params(model=model, train=TrainConfig(augment=augment))
+    assert tta_views(tta, cfg) == views
 
 
 def test_best_weights_copy_saves_to_the_same_bytes_as_the_model(tmp_path):

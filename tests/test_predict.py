@@ -73,7 +73,7 @@ def _agrees_with_evaluation(project: Path, checkpoint: Path, loader_of) -> None:
     """Predicting the prepared test PNGs gives the evaluate stage's probabilities."""
     model, cfg, ckpt = load_checkpoint(checkpoint, CPU)
     loader = loader_of(cfg)
-    tta = tta_views(cfg.eval.tta, cfg.train.augment) if cfg.model != "resnet18" else "none"
+    tta = tta_views(cfg.eval.tta, cfg)
     logits, labels = predict_logits(model, loader, tta=tta)
     expected = logits.softmax(1)
     preds = predict([project / paths.TEST_DIR], checkpoint=checkpoint, topk=99, device=CPU)
