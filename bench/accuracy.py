@@ -45,6 +45,7 @@ def row(command: str) -> tuple[str, str]:
         f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
         f"ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
         + (f" pad {t.crop_padding}" if t.augment == "crop_flip" else "")
+        + (f" {t.crop_pad_mode}" if t.augment == "crop_flip" and t.crop_pad_mode != "zeros" else "")
         + (f" tta {tta}" if tta != "none" else "")
     )
     mflops = train.get("forward_mflops")

@@ -155,13 +155,20 @@ def pipeline_runner(name, packed, cfg, device) -> Runner:
         channels_last=channels_last,
         augment=cfg.augment,
         crop_padding=cfg.crop_padding,
+        crop_pad_mode=cfg.crop_pad_mode,
     )
     return Runner(model, _forever(loader), cfg, device)
 
 
 # What the notebook did for every model (../shared/docs/MISSION.md): RandomCrop(32,
 # padding=4) + RandomHorizontalFlip + ToTensor + Normalize, a plain NCHW eager model.
-NOTEBOOK = {"augment": "crop_flip", "crop_padding": 4, "channels_last": False, "compile": False}
+NOTEBOOK = {
+    "augment": "crop_flip",
+    "crop_padding": 4,
+    "crop_pad_mode": "zeros",
+    "channels_last": False,
+    "compile": False,
+}
 
 
 def notebook_runner(name, data_dir, n, cfg, device, as_notebook: bool) -> Runner:
@@ -180,6 +187,7 @@ def notebook_runner(name, data_dir, n, cfg, device, as_notebook: bool) -> Runner
         num_workers=2,
         augment=cfg.augment,
         crop_padding=cfg.crop_padding,
+        crop_pad_mode=cfg.crop_pad_mode,
     )
     model, _ = _model(name, device, cfg)
     return Runner(model, _forever(loader), cfg, device)

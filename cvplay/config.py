@@ -35,6 +35,7 @@ class ConfigError(CvplayError):
 
 SCHEDULERS = ("onecycle", "cosine", "plateau", "none")
 AUGMENTS = ("crop_flip", "flip", "none")
+PAD_MODES = ("zeros", "reflect")  # cvplay.data.PAD_MODES (not imported: torchvision)
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("packed", "folder")
 BAD_IMAGE_POLICIES = ("error", "skip")  # cvplay.prepare.BAD_IMAGE_POLICIES (not imported: PIL)
@@ -45,6 +46,7 @@ TTAS = ("auto", "flip_translate", "flip", "none")
 CHOICES = {
     "train.scheduler": SCHEDULERS,
     "train.augment": AUGMENTS,
+    "train.crop_pad_mode": PAD_MODES,
     "train.optimizer": OPTIMIZERS,
     "train.loader": LOADERS,
     "data.on_bad_image": BAD_IMAGE_POLICIES,
@@ -94,9 +96,12 @@ class TrainConfig:
     # Training augmentation: "crop_flip" (RandomCrop(32, padding=crop_padding) + horizontal
     # flip), "flip" (flip only) or "none".
     augment: str = "crop_flip"
-    # Zero padding around each image before the random crop: crops shift it by up to this
-    # many pixels each way (crop_flip only).
+    # Padding around each image before the random crop: crops shift it by up to this many
+    # pixels each way (crop_flip only) ...
     crop_padding: int = 4
+    # ... filled with "zeros" (RandomCrop's default) or "reflect" (the image mirrored at its
+    # edge, as airbench and Page's ResNet-9 do).
+    crop_pad_mode: str = "zeros"
     # "packed": uint8 tensors resident on the device, batch augmentation by indexing.
     # "folder": torchvision ImageFolder + per-sample transforms in DataLoader workers.
     loader: str = "packed"
@@ -299,6 +304,7 @@ def validate(params: Params) -> Params:
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(t.scheduler, SCHEDULERS, "train.scheduler")
     _choice(t.augment, AUGMENTS, "train.augment")
+    _choice(t.crop_pad_mode, PAD_MODES, "train.crop_pad_mode")
     _check(
         1 <= t.crop_padding <= 16,
         "train.crop_padding",

@@ -29,17 +29,23 @@ from cvplay.errors import CvplayError
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PAD = 4  # RandomCrop(32, padding=4): the default train.crop_padding
+# How the border added before a random crop is filled (train.crop_pad_mode): with zeros (black,
+# RandomCrop's default) or by reflecting the image at its edge (airbench, Page's ResNet-9).
+PAD_MODES = {"zeros": "constant", "reflect": "reflect"}  # -> torch/torchvision padding mode
 
 
 class PreparedDataError(CvplayError):
     """Prepared data under data/ is missing or stale."""
 
 
-def train_transform(augment: str = "crop_flip", pad: int = PAD) -> transforms.Compose:
-    """``augment``: "crop_flip" (RandomCrop(32, padding=pad) + flip), "flip" or "none"."""
+def train_transform(
+    augment: str = "crop_flip", pad: int = PAD, pad_mode: str = "zeros"
+) -> transforms.Compose:
+    """``augment``: "crop_flip" (RandomCrop(32, padding=pad) + flip), "flip" or "none";
+    ``pad_mode``: a key of ``PAD_MODES``."""
     steps = []
     if augment == "crop_flip":
-        steps.append(transforms.RandomCrop(32, padding=pad))
+        steps.append(transforms.RandomCrop(32, padding=pad, padding_mode=PAD_MODES[pad_mode]))
     if augment in ("crop_flip", "flip"):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(
@@ -114,12 +120,16 @@ class Normalize:
         return out.copy_(x).mul_(self.scale).add_(self.shift)
 
 
-def pack_pixels(images: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> int32 N x (H+2pad) x (W+2pad): one RGB0 pixel per int32.
+def pack_pixels(images: torch.Tensor, pad: int = 0, pad_mode: str = "zeros") -> torch.Tensor:
+    """uint8 N x 3 x H x W -> int32 N x (H+2pad) x (W+2pad): one RGB0 pixel per int32, the
+    border filled as ``pad_mode`` says (a key of ``PAD_MODES``).
 
     Cropping then moves one 4-byte word per pixel instead of three separate bytes, with
     one index per pixel instead of one per byte (3x fewer int64 indices to compute).
     """
+    if pad and pad_mode != "zeros":
+        images = nn.functional.pad(images, (pad,) * 4, mode=PAD_MODES[pad_mode])
+        pad = 0
     hwc = nn.functional.pad(images.permute(0, 2, 3, 1), (0, 1, pad, pad, pad, pad))
     return hwc.contiguous().view(torch.int32).squeeze(-1)
 
@@ -178,14 +188,14 @@ def augment_params(
 
 
 def augmented_samples(
-    images: torch.Tensor, augment: str, seed: int, pad: int = PAD
+    images: torch.Tensor, augment: str, seed: int, pad: int = PAD, pad_mode: str = "zeros"
 ) -> torch.Tensor:
     """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
     from a generator of their own (the training run's RNGs are not touched)."""
     crop, flips = augment == "crop_flip", augment in ("crop_flip", "flip")
     generator = torch.Generator().manual_seed(seed)
     offsets, flip = augment_params(len(images), crop, flips, generator, pad)
-    pixels = pack_pixels(images, pad if crop else 0)
+    pixels = pack_pixels(images, pad if crop else 0, pad_mode)
     return crop_flip(pixels, torch.arange(len(images)), offsets, flip, images.shape[-1])
 
 
@@ -247,6 +257,7 @@ class PackedLoader(DeviceBatches):
         channels_last: bool = False,
         augment: str = "crop_flip",
         crop_padding: int = PAD,
+        crop_pad_mode: str = "zeros",
     ):
         super().__init__(
             packed.labels,
@@ -260,9 +271,10 @@ class PackedLoader(DeviceBatches):
         )
         self.crop = train and augment == "crop_flip"
         self.flip = train and augment in ("crop_flip", "flip")
-        # Padded once up front (zeros, as RandomCrop's padding), not per batch.
+        # Padded once up front (as RandomCrop's padding), not per batch.
         self.pad = crop_padding
-        self.pixels = pack_pixels(packed.images, self.pad if self.crop else 0).to(device)
+        pad = self.pad if self.crop else 0
+        self.pixels = pack_pixels(packed.images, pad, crop_pad_mode).to(device)
         self.size = packed.images.shape[-1]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.normalize = Normalize(device, fmt)
@@ -310,8 +322,10 @@ def folder_loader(
     num_workers: int,
     augment: str = "crop_flip",
     crop_padding: int = PAD,
+    crop_pad_mode: str = "zeros",
 ) -> DeviceLoader:
-    transform = train_transform(augment, crop_padding) if train else eval_transform()
+    augmentation = train_transform(augment, crop_padding, crop_pad_mode)
+    transform = augmentation if train else eval_transform()
     dataset = _image_folder(root, transform)
     subset = Subset(dataset, indices.tolist()) if indices is not None else dataset
     loader = DataLoader(

@@ -56,7 +56,11 @@ def make_loaders(
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
     elif t.loader == "packed":
         fmt = {"channels_last": channels_last}
-        aug = {"augment": t.augment, "crop_padding": t.crop_padding}
+        aug = {
+            "augment": t.augment,
+            "crop_padding": t.crop_padding,
+            "crop_pad_mode": t.crop_pad_mode,
+        }
         train = PackedLoader(packed, train_idx, train=True, **aug, **common, **fmt)
         val = PackedLoader(packed, val_idx, train=False, **common, **fmt)
     elif ddp.world > 1:
@@ -73,6 +77,7 @@ def make_loaders(
             train=True,
             augment=t.augment,
             crop_padding=t.crop_padding,
+            crop_pad_mode=t.crop_pad_mode,
             **common,
         )
         val = folder_loader(
@@ -239,13 +244,13 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(params.seed))
     shown = train_idx[pick[:32]]
     augment = params.train.augment if images else "none"
-    pad = params.train.crop_padding
+    pad, pad_mode = params.train.crop_padding, params.train.crop_pad_mode
     plot_image_grid(
-        augmented_samples(packed.images[shown], augment, params.seed, pad),
+        augmented_samples(packed.images[shown], augment, params.seed, pad, pad_mode),
         [classes[i] for i in packed.labels[shown].tolist()],
         paths.AUGMENTED_PNG,
         title=f"training samples as {params.model} sees them (augment: {augment}"
-        + (f", padding {pad}" if augment == "crop_flip" else "")
+        + (f", padding {pad} {pad_mode}" if augment == "crop_flip" else "")
         + "; "
         "before normalisation)",
     )

@@ -82,6 +82,10 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
         (lambda p: p["train"].update(augment="cutmix"), "train.augment: unknown choice 'cutmix'"),
         (lambda p: p["train"].update(ema=1.0), "train.ema: must be in [0, 1)"),
         (
+            lambda p: p["train"].update(crop_pad_mode="mirror"),
+            "train.crop_pad_mode: unknown choice 'mirror'; choose one of: zeros, reflect",
+        ),
+        (
             lambda p: p["models"]["simplecnn"].update(crop_padding=0),
             "train.crop_padding: must be between 1 and 16 (pixels), got 0",
         ),

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import datasets
+from torchvision.transforms import functional as TF
 
 from cvplay import prepare as prep
 from cvplay.data import (
+    PAD_MODES,
     Normalize,
     PackedLoader,
     augment_params,
@@ -203,14 +205,14 @@ def test_normalize_matches_torchvision():
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("pad", [4, 2])
-def test_crop_flip_produces_valid_crops_of_the_padded_image(pad):
+@pytest.mark.parametrize("pad,mode", [(4, "zeros"), (2, "zeros"), (2, "reflect")])
+def test_crop_flip_produces_valid_crops_of_the_padded_image(pad, mode):
     torch.manual_seed(0)
     x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=PAD_MODES[mode])
     offsets, flip = augment_params(64, True, True, torch.Generator().manual_seed(1), pad)
     assert set(offsets.unique().tolist()) == set(range(2 * pad + 1))
-    out = crop_flip(pack_pixels(x, pad), torch.arange(64), offsets, flip)
+    out = crop_flip(pack_pixels(x, pad, mode), torch.arange(64), offsets, flip)
     assert out.dtype == torch.uint8 and out.shape == (64, 3, 32, 32)
     span = range(2 * pad + 1)
     for i in range(64):
@@ -272,6 +274,22 @@ def test_pack_pixels_round_trips():
     assert torch.equal(unpack_pixels(packed), x)
     padded = unpack_pixels(pack_pixels(x, 2))
     assert torch.equal(padded, torch.nn.functional.pad(x, (2, 2, 2, 2)))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_packed_padding_is_torchvisions_randomcrop_padding(mode):
+    # The folder loader's RandomCrop pads the PIL image; the packed loader pads once up front.
+    # Both must fill the border with the same pixels.
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    crop = train_transform("crop_flip", 3, mode).transforms[0]
+    assert crop.padding_mode == PAD_MODES[mode]
+    ours = unpack_pixels(pack_pixels(x, 3, mode))
+    for i in range(3):
+        pil = Image.fromarray(x[i].permute(1, 2, 0).numpy())
+        theirs = np.array(TF.pad(pil, crop.padding, padding_mode=crop.padding_mode))
+        assert torch.equal(ours[i], torch.from_numpy(theirs).permute(2, 0, 1))
+    if mode == "reflect":  # no black border: row 0 of the padded image is row 3 of the image
+        assert torch.equal(ours[:, :, 0, 3:-3], x[:, :, 3])
 
 
 def test_sharded_batches_add_up_to_the_global_batch(prepared):
