@@ -41,7 +41,7 @@ import yaml
 from torch import nn
 
 from cvplay.config import TrainConfig, parse_params
-from cvplay.data import Normalize, PackedLoader, folder_loader, load_packed
+from cvplay.data import Normalize, load_packed
 from cvplay.distributed import Dist
 from cvplay.engine import (
     EMA,
@@ -51,6 +51,7 @@ from cvplay.engine import (
     set_seed,
     train_one_epoch,
 )
+from cvplay.loaders import PackedLoader, folder_loader
 from cvplay.models import MODEL_INPUTS, MODELS, build_model
 from cvplay.train import configure_compute, has_conv, prepare_model
 

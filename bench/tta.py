@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from cvplay import paths
-from cvplay.data import PackedLoader, load_packed, split_indices
+from cvplay.data import load_packed, split_indices
 from cvplay.engine import pick_device, predict_logits
 from cvplay.errors import CvplayError
 from cvplay.evaluate import load_checkpoint
+from cvplay.loaders import PackedLoader
 from cvplay.models import MODEL_INPUTS
 
 VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per image

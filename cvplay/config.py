@@ -35,7 +35,7 @@ class ConfigError(CvplayError):
 
 SCHEDULERS = ("onecycle", "cosine", "plateau", "none")
 AUGMENTS = ("crop_flip", "flip", "none")
-PAD_MODES = ("zeros", "reflect")  # cvplay.data.PAD_MODES (not imported: torchvision)
+PAD_MODES = ("zeros", "reflect")  # cvplay.loaders.PAD_MODES (not imported: torchvision)
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("packed", "folder")
 BAD_IMAGE_POLICIES = ("error", "skip")  # cvplay.prepare.BAD_IMAGE_POLICIES (not imported: PIL)

@@ -1,16 +1,7 @@
-"""Loading the prepared data for training and evaluation.
-
-Two loaders yield the same thing, batches of normalised float images and int64 labels on
-the training device:
-
-- ``packed`` (default): the split's uint8 tensor (``data/packed/<split>.pt``) is loaded
-  onto the device once; every batch is cropped, flipped and normalised there by tensor
-  indexing, so no per-sample Python runs and nothing is decoded after the first load.
-- ``folder``: torchvision ``ImageFolder`` over the PNG tree with per-sample transforms in
-  DataLoader workers, as the notebook did (any user dataset, any image size).
-
-Both see the images in the same order (class, then file name), so ``split_indices`` gives
-the same train/val split for either.
+"""The prepared data as the stages read it: the train/val split, the packed uint8 tensors,
+normalisation on the device and batches by index (shared by training, evaluation and the
+features stage). Training augmentation and the two image loaders are in ``cvplay.loaders``,
+so that changing them does not invalidate the features stage's cache.
 """
 
 from __future__ import annotations
@@ -20,43 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
-from torchvision import datasets, transforms
 
 from cvplay.errors import CvplayError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-PAD = 4  # RandomCrop(32, padding=4): the default train.crop_padding
-# How the border added before a random crop is filled (train.crop_pad_mode): with zeros (black,
-# RandomCrop's default) or by reflecting the image at its edge (airbench, Page's ResNet-9).
-PAD_MODES = {"zeros": "constant", "reflect": "reflect"}  # -> torch/torchvision padding mode
 
 
 class PreparedDataError(CvplayError):
     """Prepared data under data/ is missing or stale."""
-
-
-def train_transform(
-    augment: str = "crop_flip", pad: int = PAD, pad_mode: str = "zeros"
-) -> transforms.Compose:
-    """``augment``: "crop_flip" (RandomCrop(32, padding=pad) + flip), "flip" or "none";
-    ``pad_mode``: a key of ``PAD_MODES``."""
-    steps = []
-    if augment == "crop_flip":
-        steps.append(transforms.RandomCrop(32, padding=pad, padding_mode=PAD_MODES[pad_mode]))
-    if augment in ("crop_flip", "flip"):
-        steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(
-        [*steps, transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    )
-
-
-def eval_transform() -> transforms.Compose:
-    return transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    )
 
 
 def resolve_val_count(n: int, val_split: int | float) -> int:
@@ -120,85 +83,6 @@ class Normalize:
         return out.copy_(x).mul_(self.scale).add_(self.shift)
 
 
-def pack_pixels(images: torch.Tensor, pad: int = 0, pad_mode: str = "zeros") -> torch.Tensor:
-    """uint8 N x 3 x H x W -> int32 N x (H+2pad) x (W+2pad): one RGB0 pixel per int32, the
-    border filled as ``pad_mode`` says (a key of ``PAD_MODES``).
-
-    Cropping then moves one 4-byte word per pixel instead of three separate bytes, with
-    one index per pixel instead of one per byte (3x fewer int64 indices to compute).
-    """
-    if pad and pad_mode != "zeros":
-        images = nn.functional.pad(images, (pad,) * 4, mode=PAD_MODES[pad_mode])
-        pad = 0
-    hwc = nn.functional.pad(images.permute(0, 2, 3, 1), (0, 1, pad, pad, pad, pad))
-    return hwc.contiguous().view(torch.int32).squeeze(-1)
-
-
-def unpack_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """int32 B x H x W -> uint8 B x 3 x H x W (a channels_last view, no copy)."""
-    b, h, w = pixels.shape
-    return pixels.view(torch.uint8).view(b, h, w, 4)[..., :3].permute(0, 3, 1, 2)
-
-
-def crop_flip_params(
-    n: int, span: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample crop offsets (2 x n, uniform over span x span) and flips (n, p=0.5)."""
-    dev = generator.device
-    offsets = torch.randint(0, span, (2, n), device=dev, generator=generator)
-    flip = torch.rand(n, device=dev, generator=generator) < 0.5
-    return offsets, flip
-
-
-def crop_flip(
-    pixels: torch.Tensor,
-    idx: torch.Tensor,
-    offsets: torch.Tensor,
-    flip: torch.Tensor,
-    size: int = 32,
-) -> torch.Tensor:
-    """Crops of ``size`` from padded packed images ``pixels[idx]`` (see ``pack_pixels``),
-    at ``offsets``, mirrored where ``flip``: RandomCrop(padding) + RandomHorizontalFlip.
-
-    One gather with the flip folded into the column index; returns uint8 B x 3 x size x size.
-    (``index_select`` on a flat index: 0.08 ms for 128 images on the 2-core CPU, against
-    0.25 ms for advanced indexing with the same 3-d index.)
-    """
-    _, h, w = pixels.shape
-    ar = torch.arange(size, device=pixels.device)
-    rows = offsets[0, :, None] + ar  # b x size
-    cols = offsets[1, :, None] + torch.where(flip[:, None], size - 1 - ar, ar)
-    flat = idx[:, None, None] * (h * w) + rows[:, :, None] * w + cols[:, None, :]
-    out = pixels.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
-    return unpack_pixels(out)
-
-
-def augment_params(
-    n: int, crop: bool, flip: bool, generator: torch.Generator, pad: int = PAD
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop offsets (2 x n, into images padded by ``pad``; zeros without ``crop``) and flips
-    (n) of one batch."""
-    if crop:
-        return crop_flip_params(n, 2 * pad + 1, generator)
-    dev = generator.device
-    offsets = torch.zeros(2, n, dtype=torch.long, device=dev)
-    if flip:
-        return offsets, torch.rand(n, device=dev, generator=generator) < 0.5
-    return offsets, torch.zeros(n, dtype=torch.bool, device=dev)
-
-
-def augmented_samples(
-    images: torch.Tensor, augment: str, seed: int, pad: int = PAD, pad_mode: str = "zeros"
-) -> torch.Tensor:
-    """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
-    from a generator of their own (the training run's RNGs are not touched)."""
-    crop, flips = augment == "crop_flip", augment in ("crop_flip", "flip")
-    generator = torch.Generator().manual_seed(seed)
-    offsets, flip = augment_params(len(images), crop, flips, generator, pad)
-    pixels = pack_pixels(images, pad if crop else 0, pad_mode)
-    return crop_flip(pixels, torch.arange(len(images)), offsets, flip, images.shape[-1])
-
-
 def shard(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
     """This rank's contiguous part of a batch (the whole batch when not distributed)."""
     return t if world == 1 else t.tensor_split(world, dim=dim)[rank]
@@ -238,111 +122,6 @@ class DeviceBatches:
             order = order[perm]
         for i in range(len(self)):
             yield self.batch(order[i * self.batch_size : (i + 1) * self.batch_size])
-
-
-class PackedLoader(DeviceBatches):
-    """Batches from device-resident packed pixels; augmentation by indexing on the device."""
-
-    def __init__(
-        self,
-        packed: Packed,
-        indices: torch.Tensor,
-        *,
-        batch_size: int,
-        device: torch.device,
-        train: bool,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        channels_last: bool = False,
-        augment: str = "crop_flip",
-        crop_padding: int = PAD,
-        crop_pad_mode: str = "zeros",
-    ):
-        super().__init__(
-            packed.labels,
-            indices,
-            batch_size=batch_size,
-            device=device,
-            train=train,
-            seed=seed,
-            rank=rank,
-            world=world,
-        )
-        self.crop = train and augment == "crop_flip"
-        self.flip = train and augment in ("crop_flip", "flip")
-        # Padded once up front (as RandomCrop's padding), not per batch.
-        self.pad = crop_padding
-        pad = self.pad if self.crop else 0
-        self.pixels = pack_pixels(packed.images, pad, crop_pad_mode).to(device)
-        self.size = packed.images.shape[-1]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.normalize = Normalize(device, fmt)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets, flip = augment_params(len(idx), self.crop, self.flip, self.generator, self.pad)
-        idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
-        x = crop_flip(self.pixels, idx, offsets, flip, self.size)
-        return self.normalize(x), self.labels[idx]
-
-
-class DeviceLoader:
-    """Wrap a DataLoader so batches arrive on the device (non-blocking from pinned memory)."""
-
-    def __init__(self, loader: DataLoader, device: torch.device):
-        self.loader, self.device = loader, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        """Where each epoch's shuffle and the workers' augmentation seeds come from."""
-        return self.loader.generator
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def _image_folder(root: Path, transform) -> datasets.ImageFolder:
-    if not root.is_dir():
-        raise PreparedDataError(f"{root}: not found; run 'dvc repro prepare' first")
-    return datasets.ImageFolder(str(root), transform=transform)
-
-
-def folder_loader(
-    root: Path,
-    indices: torch.Tensor | None,
-    *,
-    batch_size: int,
-    device: torch.device,
-    train: bool,
-    seed: int,
-    num_workers: int,
-    augment: str = "crop_flip",
-    crop_padding: int = PAD,
-    crop_pad_mode: str = "zeros",
-) -> DeviceLoader:
-    augmentation = train_transform(augment, crop_padding, crop_pad_mode)
-    transform = augmentation if train else eval_transform()
-    dataset = _image_folder(root, transform)
-    subset = Subset(dataset, indices.tolist()) if indices is not None else dataset
-    loader = DataLoader(
-        subset,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(subset) > batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        # Workers start afresh each epoch and seed their augmentation from this generator, so
-        # the generator's state at an epoch boundary decides the rest of the run (resume is
-        # bit-exact); persistent workers would carry RNG state the resume file cannot hold.
-        persistent_workers=False,
-        # Shuffling and each worker's augmentation seed derive from this generator.
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return DeviceLoader(loader, device)
 
 
 def classes_of(data_dir: Path) -> list[str]:

@@ -8,10 +8,11 @@ import torch
 
 from cvplay import paths
 from cvplay.config import Params, params_from_dict
-from cvplay.data import PackedLoader, load_packed
+from cvplay.data import load_packed
 from cvplay.engine import pick_device, predict_logits, tta_views
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
+from cvplay.loaders import PackedLoader
 from cvplay.models import MODEL_INPUTS, build_model
 from cvplay.plots import plot_confusion, plot_image_grid, write_confusion_pairs, write_per_class
 from cvplay.transfer import FeatureLoader

@@ -12,14 +12,7 @@ from torch import nn
 
 from cvplay import paths
 from cvplay.config import Params, TrainConfig
-from cvplay.data import (
-    Packed,
-    PackedLoader,
-    augmented_samples,
-    folder_loader,
-    load_packed,
-    split_indices,
-)
+from cvplay.data import Packed, load_packed, split_indices
 from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import (
     FitResult,
@@ -32,6 +25,7 @@ from cvplay.engine import (
 )
 from cvplay.errors import CvplayError
 from cvplay.io import write_json
+from cvplay.loaders import PackedLoader, augmented_samples, folder_loader
 from cvplay.models import MODEL_INPUTS, build_model, count_parameters, forward_flops
 from cvplay.plots import plot_history, plot_image_grid, write_history
 from cvplay.resume import ResumeStore, run_key

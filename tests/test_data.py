@@ -11,21 +11,19 @@ from torchvision import datasets
 from torchvision.transforms import functional as TF
 
 from cvplay import prepare as prep
-from cvplay.data import (
+from cvplay.data import Normalize, load_packed, split_indices
+from cvplay.errors import CvplayError
+from cvplay.loaders import (
     PAD_MODES,
-    Normalize,
     PackedLoader,
     augment_params,
     crop_flip,
     eval_transform,
     folder_loader,
-    load_packed,
     pack_pixels,
-    split_indices,
     train_transform,
     unpack_pixels,
 )
-from cvplay.errors import CvplayError
 from tests.conftest import CLASSES, make_image_folder
 
 

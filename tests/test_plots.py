@@ -5,8 +5,8 @@ import csv
 import torch
 from PIL import Image
 
-from cvplay.data import PAD, augmented_samples
 from cvplay.evaluate import plot_mistakes
+from cvplay.loaders import PAD, augmented_samples
 from cvplay.plots import write_per_class
 
 

@@ -25,9 +25,10 @@ from PIL import Image
 from cvplay import paths
 from cvplay.__main__ import main
 from cvplay.config import parse_params
-from cvplay.data import PackedLoader, load_packed
+from cvplay.data import load_packed
 from cvplay.engine import predict_logits, tta_views
 from cvplay.evaluate import load_checkpoint
+from cvplay.loaders import PackedLoader
 from cvplay.predict import Predictor, format_table, list_inputs, predict
 from cvplay.prepare import prepare, read_image_folder
 from cvplay.train import run_train

@@ -118,3 +118,10 @@ def test_resnet18_pipeline_end_to_end_and_features_stay_cached(tiny_folder, weig
     assert "Running stage 'train'" in proc.stdout
     status = dvc("status", "features", cwd=repo).stdout
     assert "changed" not in status
+    # Training augmentation lives in cvplay/loaders.py, which the features stage does not
+    # read: editing it must invalidate train and evaluate, and keep the features cached.
+    with (repo / "cvplay/loaders.py").open("a") as f:
+        f.write("\n# an edit\n")
+    status = dvc("status", cwd=repo).stdout
+    assert "train:" in status and "evaluate:" in status
+    assert "features:" not in status
