@@ -45,16 +45,12 @@ def make_loaders(
         "rank": ddp.rank,
         "world": ddp.world,
     }
+    aug = {"augment": t.augment, "crop_padding": t.crop_padding, "crop_pad_mode": t.crop_pad_mode}
     if MODEL_INPUTS[params.model] == "features":
         train = FeatureLoader(paths.FEATURES_TRAIN, train_idx, train=True, **common)
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
     elif t.loader == "packed":
         fmt = {"channels_last": channels_last}
-        aug = {
-            "augment": t.augment,
-            "crop_padding": t.crop_padding,
-            "crop_pad_mode": t.crop_pad_mode,
-        }
         train = PackedLoader(packed, train_idx, train=True, **aug, **common, **fmt)
         val = PackedLoader(packed, val_idx, train=False, **common, **fmt)
     elif ddp.world > 1:
@@ -69,9 +65,7 @@ def make_loaders(
             train_idx,
             batch_size=t.batch_size,
             train=True,
-            augment=t.augment,
-            crop_padding=t.crop_padding,
-            crop_pad_mode=t.crop_pad_mode,
+            **aug,
             **common,
         )
         val = folder_loader(
