@@ -33,7 +33,7 @@ class ConfigError(CvplayError):
     """params.yaml holds a key, type or value the pipeline cannot use."""
 
 
-SCHEDULERS = ("onecycle", "cosine", "plateau", "none")
+SCHEDULERS = ("onecycle", "cosine", "triangle", "plateau", "none")
 AUGMENTS = ("crop_flip", "flip", "none")
 PAD_MODES = ("zeros", "reflect")  # cvplay.loaders.PAD_MODES (not imported: torchvision)
 OPTIMIZERS = ("sgd", "adamw")
@@ -83,8 +83,14 @@ class TrainConfig:
     # Weight decay on BatchNorm/LayerNorm weights and on biases too (False: on weights of
     # convolutions and linear layers only, the usual choice).
     decay_norm_bias: bool = False
+    # Learning rate of the norm layers' parameters (BatchNorm/LayerNorm scales and shifts) as
+    # a multiple of lr (airbench: 64); their weight decay, if decay_norm_bias, is divided by
+    # it, so that the decay per step stays lr x weight_decay.
+    norm_lr_scale: float = 1.0
     scheduler: str = "onecycle"
-    warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 over this many epochs
+    # cosine: linear warm-up from 0 over this many epochs, then cosine to 0; triangle: linear
+    # from 0.2 x lr over this many epochs, then linear to 0 (airbench's).
+    warmup_epochs: float = 0.0
     # ReduceLROnPlateau settings (scheduler: plateau), on val loss as in the notebook.
     plateau_factor: float = 0.5
     plateau_patience: int = 1
@@ -311,8 +317,9 @@ def validate(params: Params) -> Params:
         f"must be between 1 and 16 (pixels), got {t.crop_padding}",
     )
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    _check(t.norm_lr_scale > 0, "train.norm_lr_scale", f"must be > 0, got {t.norm_lr_scale}")
     _check(
-        t.warmup_epochs < t.epochs or t.scheduler != "cosine",
+        t.warmup_epochs < t.epochs or t.scheduler not in ("cosine", "triangle"),
         "train.warmup_epochs",
         f"{t.warmup_epochs} must be less than train.epochs={t.epochs}",
     )

@@ -47,13 +47,37 @@ def accuracy_top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == targets).float().mean()
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_norm_bias: bool, norm_lr_scale: float = 1.0
+) -> list[dict]:
     """Trainable parameters, with weight decay only on conv/linear weights unless
     ``decay_norm_bias`` (1-d tensors are biases and norm-layer scales/shifts; decaying them
-    only fights BatchNorm's scale invariance). Attention ``in_proj_weight`` is 2-d: decayed."""
+    only fights BatchNorm's scale invariance). Attention ``in_proj_weight`` is 2-d: decayed.
+
+    ``norm_lr_scale`` != 1 puts the norm layers' parameters in a group of their own whose
+    learning rate is the optimizer's times this (airbench trains BatchNorm shifts 64x faster)
+    and whose weight decay, if any, is divided by it: the gradient steps grow, the decay per
+    step (lr x weight_decay) stays. Every scheduler scales each group's rate alike."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    if norm_lr_scale != 1.0:
+        in_norm = {
+            id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()
+        }
+        norm = [p for _, p in params if id(p) in in_norm]
+        params = [(n, p) for n, p in params if id(p) not in in_norm]
+        groups.append(
+            {
+                "params": norm,
+                "weight_decay": weight_decay / norm_lr_scale if decay_norm_bias else 0.0,
+                "lr_scale": norm_lr_scale,
+            }
+        )
     if decay_norm_bias:
-        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}, *groups]
 
     def decays(name: str, p: torch.Tensor) -> bool:
         # ViT's class token and position embeddings are embeddings, not weights: no decay.
@@ -62,6 +86,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
     return [
         {"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
         {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+        *groups,
     ]
 
 
@@ -69,7 +94,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True) -> to
     """SGD or AdamW, fused (one kernel over all parameters) on CPU and CUDA: measured on the
     2-core CPU, the mlp's SGD step takes 0.6 ms fused against 2.4 ms with foreach, 6% of
     its whole training step (bench/RESULTS.md). ``fused=False``: PyTorch's default."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias, cfg.norm_lr_scale)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
     device = next(model.parameters()).device
     fused = True if fused and device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "sgd":
@@ -113,11 +140,12 @@ def make_schedule(
             pct_start=0.25,
         )
         return Schedule(sched, per_batch=True)
-    if cfg.scheduler == "cosine":
+    if cfg.scheduler in ("cosine", "triangle"):
         total = cfg.epochs * steps_per_epoch
         warm = round(cfg.warmup_epochs * steps_per_epoch)
+        shape = _warmup_cosine if cfg.scheduler == "cosine" else _triangle
         return Schedule(
-            torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_cosine, warm, total)),
+            torch.optim.lr_scheduler.LambdaLR(optimizer, partial(shape, warm, total)),
             per_batch=True,
         )
     return Schedule()
@@ -128,6 +156,17 @@ def _warmup_cosine(warm: int, total: int, step: int) -> float:
     if step < warm:
         return (step + 1) / warm
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+TRIANGLE_START = 0.2  # airbench's: the first step runs at 0.2 x the peak rate
+
+
+def _triangle(warm: int, total: int, step: int) -> float:
+    """LR factor (airbench's schedule): linear from TRIANGLE_START to 1 over ``warm`` steps,
+    then linear down to 0 at step ``total``."""
+    if step < warm:
+        return TRIANGLE_START + (1.0 - TRIANGLE_START) * step / warm
+    return max(0.0, (total - step) / max(1, total - warm))
 
 
 class EMA:

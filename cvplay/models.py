@@ -293,6 +293,79 @@ class ResNet9(nn.Module):
         return self.fc(self.net(x)) * self.scale
 
 
+class DiracConv(nn.Conv2d):
+    """3x3 'same' conv without bias whose first ``c_in`` filters start as the identity
+    (an implicit residual connection at initialisation, as airbench does)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
+def _fixed_scale_bn(c: int) -> nn.BatchNorm2d:
+    # airbench's BatchNorm: learned shift only (the scale stays 1), a tiny eps.
+    bn = nn.BatchNorm2d(c, eps=1e-12)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+class AirbenchGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1, self.conv2 = DiracConv(c_in, c_out), DiracConv(c_out, c_out)
+        self.norm1, self.norm2 = _fixed_scale_bn(c_out), _fixed_scale_bn(c_out)
+        self.pool, self.act = nn.MaxPool2d(2), nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class Airbench(nn.Module):
+    """The network of Keller Jordan's airbench94 (94% on CIFAR-10 in under 10 epochs): a
+    frozen 2x2 whitening conv (24 channels, set from the training data by ``data_init``),
+    three conv groups of widths 64/256/256, 3x3 max-pool, and a bias-free linear head whose
+    output is scaled by 1/9. Dirac-initialised convs and BatchNorms with a fixed scale."""
+
+    def __init__(self, *, num_classes: int, widths=(64, 256, 256), scale: float = 1 / 9):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
+        c1, c2, c3 = widths
+        self.groups = nn.Sequential(
+            AirbenchGroup(24, c1), AirbenchGroup(c1, c2), AirbenchGroup(c2, c3)
+        )
+        self.head = nn.Linear(c3, num_classes, bias=False)
+        self.scale = scale
+
+    @torch.no_grad()
+    def data_init(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from normalised training ``images`` (N x 3 x H x W):
+        the eigenvectors of the covariance of their 2x2 patches, each scaled by
+        1/sqrt(eigenvalue + eps), and their negatives (12 + 12 channels). The conv's output
+        on those patches then has (near) unit variance along every principal direction."""
+        kh, kw = self.whiten.kernel_size
+        x = images.double()
+        patches = x.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5)
+        flat = patches.reshape(-1, x.shape[1] * kh * kw)
+        eigvals, eigvecs = torch.linalg.eigh(flat.T @ flat / len(flat))
+        filters = (eigvecs.T / torch.sqrt(eigvals + eps)[:, None]).flip(0)
+        filters = filters.view(-1, x.shape[1], kh, kw)
+        w = self.whiten.weight
+        w.copy_(torch.cat([filters, -filters]).to(w.dtype))
+
+    def forward(self, x):
+        x = self.groups(nn.functional.gelu(self.whiten(x)))
+        x = nn.functional.max_pool2d(x, 3).flatten(1)
+        return self.head(x) * self.scale
+
+
 class ViT(nn.Module):
     """A small Vision Transformer: patch embedding (a strided conv), a class token, learned
     position embeddings, pre-norm encoder layers, and a linear head on the class token."""
@@ -341,6 +414,11 @@ def preactresnet18(*, num_classes: int = 10) -> nn.Module:
 @register("resnet9")
 def resnet9(*, num_classes: int = 10) -> nn.Module:
     return ResNet9(num_classes=num_classes)
+
+
+@register("airbench")
+def airbench(*, num_classes: int = 10) -> nn.Module:
+    return Airbench(num_classes=num_classes)
 
 
 @register("vit_tiny")

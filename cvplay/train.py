@@ -12,7 +12,7 @@ from torch import nn
 
 from cvplay import paths
 from cvplay.config import Params, TrainConfig
-from cvplay.data import Packed, load_packed, split_indices
+from cvplay.data import Normalize, Packed, load_packed, split_indices
 from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import (
     FitResult,
@@ -72,6 +72,18 @@ def make_loaders(
             paths.TRAIN_DIR, val_idx, batch_size=t.batch_size, train=False, **common
         )
     return train, val, train_idx, val_idx
+
+
+DATA_INIT_IMAGES = 5000  # airbench's whitening sample size
+
+
+def data_init_sample(packed: Packed, train_idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """Normalised float images for models that set layers from the data (``data_init``):
+    a seeded draw of up to DATA_INIT_IMAGES training images (the prepared images are sorted
+    by class, so the first ones would all be airplanes); the same on every rank."""
+    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
+    chosen = train_idx[order[:DATA_INIT_IMAGES]]
+    return Normalize(torch.device("cpu"))(packed.images[chosen])
 
 
 def _log_epoch(row: dict) -> None:
@@ -181,6 +193,8 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     n_params = count_parameters(model)
     images = MODEL_INPUTS[params.model] == "images"
     flops = forward_flops(model, torch.zeros(2, *packed.images.shape[1:])) if images else None
+    if hasattr(model, "data_init"):
+        model.data_init(data_init_sample(packed, train_idx, params.seed))
     optimizer = schedule = None
     if MODEL_INPUTS[params.model] == "features":
         # layer4 starts from the same backbone the features stage ran.

@@ -77,7 +77,7 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
         (lambda p: p.update(modle="mlp"), "modle: unknown key; did you mean 'model'?"),
         (
             lambda p: p["train"].update(scheduler="cosin"),
-            "choose one of: onecycle, cosine, plateau, none",
+            "choose one of: onecycle, cosine, triangle, plateau, none",
         ),
         (lambda p: p["train"].update(augment="cutmix"), "train.augment: unknown choice 'cutmix'"),
         (lambda p: p["train"].update(ema=1.0), "train.ema: must be in [0, 1)"),
@@ -100,6 +100,11 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
             lambda p: p["train"].update(scheduler="cosine", warmup_epochs=10),
             "train.warmup_epochs: 10.0 must be less than train.epochs=10",
         ),
+        (
+            lambda p: p["train"].update(scheduler="triangle", warmup_epochs=12),
+            "train.warmup_epochs: 12.0 must be less than train.epochs=10",
+        ),
+        (lambda p: p["train"].update(norm_lr_scale=0), "train.norm_lr_scale: must be > 0, got 0"),
         (lambda p: p["train"].update(lr=0), "train.lr: must be > 0"),
         (lambda p: p["train"].update(batch_size=0), "train.batch_size: must be >= 1"),
         (lambda p: p["model_args"].update(use_bn="yes"), "model_args.use_bn: expected bool"),

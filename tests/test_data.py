@@ -341,3 +341,30 @@ def test_flip_only_and_no_augmentation(prepared, augment):
         assert flips == 0
     else:
         assert 0 < flips < len(idx)
+
+
+def test_data_init_sample_is_a_seeded_draw_of_training_images_only():
+    from cvplay.data import CIFAR10_MEAN, CIFAR10_STD, Packed
+    from cvplay.train import DATA_INIT_IMAGES, data_init_sample
+
+    n = 3 * DATA_INIT_IMAGES
+    i = torch.arange(n)
+    # image i: red = i % 256, green = i // 256, blue = 0 (labels sorted by class, as prepared)
+    images = torch.stack([i % 256, i // 256, 0 * i], 1).to(torch.uint8).view(n, 3, 1, 1)
+    packed = Packed(images.expand(n, 3, 4, 4).contiguous(), i * 10 // n, list("0123456789"))
+    train_idx = torch.arange(0, n, 2)  # the even images
+    sample = data_init_sample(packed, train_idx, seed=3)
+    assert sample.shape == (DATA_INIT_IMAGES, 3, 4, 4) and sample.dtype == torch.float32
+    assert torch.equal(sample, data_init_sample(packed, train_idx, seed=3))
+    assert not torch.equal(sample, data_init_sample(packed, train_idx, seed=4))
+    # normalised as the loaders normalise: (x / 255 - mean) / std
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    pixels = (sample[:, :, 0, 0] * std + mean) * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)
+    red, green, blue = pixels.round().long().T
+    assert (blue == 0).all()
+    drawn = red + 256 * green
+    assert len(set(drawn.tolist())) == DATA_INIT_IMAGES
+    assert (drawn % 2 == 0).all()  # training images only
+    # a draw across the classes, not the first images of the sorted set
+    assert len(set((drawn * 10 // n).tolist())) == 10

@@ -287,3 +287,47 @@ def test_best_weights_copy_saves_to_the_same_bytes_as_the_model(tmp_path):
     save_checkpoint(tmp_path / "a.pt", model, 1, meta)
     save_checkpoint(tmp_path / "b.pt", _cpu_copy(model), 1, meta)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_norm_lr_scale_speeds_up_norm_layers_and_keeps_their_decay_per_step():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    norm = {id(model[1].weight), id(model[1].bias)}
+    for decay_norm_bias in (False, True):
+        cfg = _cfg(weight_decay=0.01, decay_norm_bias=decay_norm_bias, norm_lr_scale=64)
+        opt = make_optimizer(model, cfg)
+        groups = [g for g in opt.param_groups if {id(p) for p in g["params"]} == norm]
+        assert len(groups) == 1
+        (g,) = groups
+        assert g["lr"] == pytest.approx(6.4)
+        assert g["weight_decay"] == (pytest.approx(0.01 / 64) if decay_norm_bias else 0.0)
+        others = [h for h in opt.param_groups if h is not g]
+        assert all(h["lr"] == pytest.approx(0.1) for h in others)
+        assert sum(len(h["params"]) for h in opt.param_groups) == len(list(model.parameters()))
+    # the schedule scales every group alike
+    cfg = _cfg(norm_lr_scale=64, scheduler="triangle", epochs=2, warmup_epochs=1)
+    opt = make_optimizer(model, cfg)
+    schedule = make_schedule(opt, cfg, steps_per_epoch=5)
+    for _ in range(7):
+        opt.step()
+        schedule.after_batch()
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs[-1] == pytest.approx(64 * lrs[0]) and lrs[0] == pytest.approx(0.1 * 3 / 5)
+
+
+def test_triangle_schedule_rises_from_a_fifth_then_falls_linearly_to_zero():
+    model = nn.Linear(2, 2)
+    cfg = _cfg(scheduler="triangle", epochs=5, warmup_epochs=1)
+    opt = make_optimizer(model, cfg)
+    schedule = make_schedule(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.after_batch()
+    assert lrs[0] == pytest.approx(0.02) and lrs[5] == pytest.approx(0.06)
+    assert lrs[10] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.05)
+    steps_up = [b - a for a, b in itertools.pairwise(lrs[:11])]
+    steps_down = [a - b for a, b in itertools.pairwise(lrs[10:])]
+    assert steps_up == pytest.approx([0.008] * 10) and steps_down == pytest.approx([0.0025] * 39)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

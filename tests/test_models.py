@@ -30,10 +30,11 @@ def test_every_model_forwards_and_steps(name, use_bn):
     assert torch.isfinite(out).all()
     loss = nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3]))
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # airbench's whitening filters and BatchNorm scales are frozen: they get no gradient.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
     before = [p.detach().clone() for p in model.parameters()]
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(trained, lr=0.1).step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
@@ -58,7 +59,7 @@ def test_registry_refuses_duplicates_and_names_valid_models():
     with pytest.raises(ValueError, match="already registered"):
         register("mlp")(lambda **_: nn.Identity())
     with pytest.raises(
-        CvplayError, match="choose one of: minivgg, mlp, preactresnet18, resnet18, "
+        CvplayError, match="choose one of: airbench, minivgg, mlp, preactresnet18, resnet18, "
     ):
         build_model("vgg99", num_classes=10, model_args={})
 
@@ -97,3 +98,36 @@ def test_forward_flops_matches_the_hand_count_and_leaves_the_model_alone():
     expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 512 * 16 * 10
     assert forward_flops(model, torch.randn(2, 3, 32, 32)) == expected
     assert model.training and torch.equal(bn.running_mean, stats)
+
+
+def test_airbench_whitening_from_data_decorrelates_2x2_patches():
+    torch.manual_seed(0)
+    x = torch.randn(100, 3, 32, 32)
+    x[:, 1] = 0.8 * x[:, 0] + 0.6 * x[:, 1]  # correlated colour channels
+    x = x + 0.5 * x.roll(1, dims=3)  # and neighbouring pixels
+    model = build_model("airbench", num_classes=10, model_args={})
+    before = model.whiten.weight.clone()
+    model.data_init(x)
+    assert not torch.equal(before, model.whiten.weight)
+    with torch.no_grad():
+        out = model.whiten(x) - model.whiten.bias.view(1, -1, 1, 1)
+    z = out.permute(1, 0, 2, 3).reshape(24, -1)
+    cov = z[:12] @ z[:12].T / z.shape[1]
+    # unit variance along each principal direction (eps = 5e-4 shrinks the smallest a bit),
+    # no correlation between them, and the other 12 channels are their negatives
+    assert torch.allclose(cov.diag(), torch.ones(12), atol=0.02)
+    assert (cov - torch.diag(cov.diag())).abs().max() < 1e-3
+    assert torch.allclose(z[12:], -z[:12], atol=1e-5)
+    assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+
+
+def test_airbench_is_dirac_initialised_with_fixed_batchnorm_scales():
+    model = build_model("airbench", num_classes=10, model_args={})
+    conv = model.groups[0].conv1  # 24 -> 64: the first 24 filters pass their channel through
+    x = torch.randn(2, 24, 9, 9)
+    assert torch.allclose(nn.functional.conv2d(x, conv.weight[:24], padding=1), x, atol=1e-6)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 6
+    assert all(not m.weight.requires_grad and m.bias.requires_grad for m in bns)
+    # 32 -> 31 (2x2 whitening) -> 15 -> 7 -> 3 -> 1
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
