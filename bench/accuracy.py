@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.throughput import machine
 from cvplay import paths
-from cvplay.config import load_params
+from cvplay.config import TrainConfig, load_params
 from cvplay.engine import tta_views
 
 ACCURACY = Path(__file__).with_name("ACCURACY.md")
@@ -41,9 +41,23 @@ def row(command: str) -> tuple[str, str]:
     timing = json.loads(Path(paths.TIMING_TRAIN).read_text())
     t = params.train
     tta = tta_views(params.eval.tta, params)
+    default = TrainConfig()
     recipe = (
-        f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g} {t.scheduler} bs {t.batch_size} "
-        f"ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
+        f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g}"
+        + (
+            f" momentum {t.momentum:g}"
+            if t.optimizer == "sgd" and t.momentum != default.momentum
+            else ""
+        )
+        + (" wd on norm/bias" if t.decay_norm_bias else "")
+        + (f" norm lr x{t.norm_lr_scale:g}" if t.norm_lr_scale != 1 else "")
+        + f" {t.scheduler}"
+        + (
+            f" warm-up {t.warmup_epochs:g} ep"
+            if t.scheduler in ("cosine", "triangle") and t.warmup_epochs
+            else ""
+        )
+        + f" bs {t.batch_size} ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
         + (f" pad {t.crop_padding}" if t.augment == "crop_flip" else "")
         + (f" {t.crop_pad_mode}" if t.augment == "crop_flip" and t.crop_pad_mode != "zeros" else "")
         + (f" tta {tta}" if tta != "none" else "")

@@ -49,3 +49,23 @@ def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, c
     recipe = "sgd lr 0.05 wd 0.0005 onecycle bs 64 ls 0.1 ema 0.99 aug crop_flip pad 2"
     assert f"{recipe} tta flip_translate" in line
     assert line.endswith("| `dvc exp run -S model=simplecnn` |")
+
+
+def test_row_names_the_recipe_keys_that_differ_from_the_defaults(tmp_path, monkeypatch, capsys):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"] = "airbench"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "metrics").mkdir()
+    train = {"val_acc": 0.9, "params": 1972792, "forward_mflops": 236.3, "epochs": 10}
+    (tmp_path / "metrics" / "train.json").write_text(json.dumps(train))
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.9}))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps({"train_seconds": 60}))
+    monkeypatch.chdir(tmp_path)
+    main([])
+    line = capsys.readouterr().out.strip()
+    recipe = (
+        "sgd lr 1.3 wd 0.00153 momentum 0.85 wd on norm/bias norm lr x64 triangle warm-up 2 ep "
+        "bs 1024 ls 0.2 ema 0 aug crop_flip pad 2 reflect tta flip_translate"
+    )
+    assert f"| {recipe} |" in line
