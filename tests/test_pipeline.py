@@ -85,6 +85,25 @@ def test_exp_run_switches_model_and_is_recorded(repo):
     assert ckpt["config"]["model"] == "minivgg"
 
 
+def test_airbench_whitening_is_set_from_the_runs_training_images(repo):
+    from cvplay.data import load_packed, split_indices
+    from cvplay.models import build_model
+    from cvplay.train import data_init_sample
+
+    dvc("exp", "run", "-S", "model=airbench", "-S", "train.warmup_epochs=1", cwd=repo)
+    ckpt = torch.load(repo / "models/best.pt", weights_only=True)
+    config = ckpt["config"]
+    assert config["model"] == "airbench" and config["train"]["scheduler"] == "triangle"
+    packed = load_packed(repo / "data/packed/train.pt")
+    train_idx, _ = split_indices(len(packed.labels), config["data"]["val_split"], config["seed"])
+    model = build_model("airbench", num_classes=10, model_args={})
+    fresh = model.whiten.weight.clone()
+    model.data_init(data_init_sample(packed, train_idx, config["seed"]))
+    # the filters come from this run's training images and stay frozen through training
+    assert torch.equal(ckpt["model"]["whiten.weight"], model.whiten.weight)
+    assert not torch.allclose(ckpt["model"]["whiten.weight"], fresh)
+
+
 def test_plots_show_writes_html_with_every_plot(repo, tmp_path):
     out = tmp_path / "plots_html"
     dvc("plots", "show", "-o", str(out), cwd=repo)
