@@ -1,5 +1,7 @@
 """Model registry: the notebook's scratch models (MLP, SimpleCNN, SimpleResNet, MiniVGG), its
-"next steps" (PreActResNet18, ResNet-9, a small ViT) and the ResNet18 transfer models.
+"next steps" (PreActResNet18, ResNet-9 and airbench94's fast net, a small ViT) and the
+ResNet18 transfer models. A model that sets layers from the training data before training
+(airbench's whitening conv) has a ``data_init(images)`` method; the train stage calls it.
 
 Builders take keyword-only arguments and always ``num_classes``; ``build_model`` passes a
 builder only the ``model_args`` it declares (``use_bn`` means nothing to the MLP).
