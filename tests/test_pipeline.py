@@ -137,7 +137,7 @@ def _params_with(repo: Path, **changes) -> None:
     [
         (
             {"model": "resnet1000"},
-            "model: unknown choice 'resnet1000'; choose one of: minivgg, mlp",
+            "model: unknown choice 'resnet1000'; choose one of: airbench, minivgg, mlp",
             # the train stage depends on models.${model}: DVC stops before the stage runs
             "Parameters 'models.resnet1000' are missing from 'params.yaml'",
         ),
