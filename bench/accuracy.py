@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.throughput import machine
 from cvplay import paths
-from cvplay.config import TrainConfig, load_params
+from cvplay.config import CROP_AUGMENTS, WARMUP_SCHEDULERS, TrainConfig, load_params
 from cvplay.engine import tta_views
 
 ACCURACY = Path(__file__).with_name("ACCURACY.md")
@@ -42,6 +42,7 @@ def row(command: str) -> tuple[str, str]:
     t = params.train
     tta = tta_views(params.eval.tta, params)
     default = TrainConfig()
+    crop = t.augment in CROP_AUGMENTS
     recipe = (
         f"{t.optimizer} lr {t.lr:g} wd {t.weight_decay:g}"
         + (
@@ -54,12 +55,14 @@ def row(command: str) -> tuple[str, str]:
         + f" {t.scheduler}"
         + (
             f" warm-up {t.warmup_epochs:g} ep"
-            if t.scheduler in ("cosine", "triangle") and t.warmup_epochs
+            if t.scheduler in WARMUP_SCHEDULERS and t.warmup_epochs
             else ""
         )
-        + f" bs {t.batch_size} ls {t.label_smoothing:g} ema {t.ema:g} aug {t.augment}"
-        + (f" pad {t.crop_padding}" if t.augment == "crop_flip" else "")
-        + (f" {t.crop_pad_mode}" if t.augment == "crop_flip" and t.crop_pad_mode != "zeros" else "")
+        + f" bs {t.batch_size} ls {t.label_smoothing:g} ema {t.ema:g}"
+        + (f" lookahead {t.lookahead:g}" if t.lookahead else "")
+        + f" aug {t.augment}"
+        + (f" pad {t.crop_padding}" if crop else "")
+        + (f" {t.crop_pad_mode}" if crop and t.crop_pad_mode != "zeros" else "")
         + (f" tta {tta}" if tta != "none" else "")
     )
     mflops = train.get("forward_mflops")

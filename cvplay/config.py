@@ -34,13 +34,15 @@ class ConfigError(CvplayError):
 
 
 SCHEDULERS = ("onecycle", "cosine", "triangle", "plateau", "none")
-AUGMENTS = ("crop_flip", "flip", "none")
+WARMUP_SCHEDULERS = ("cosine", "triangle")  # the ones that read train.warmup_epochs
+AUGMENTS = ("crop_flip", "crop_altflip", "flip", "none")
+CROP_AUGMENTS = ("crop_flip", "crop_altflip")  # the ones that random-crop
 PAD_MODES = ("zeros", "reflect")  # cvplay.loaders.PAD_MODES (not imported: torchvision)
 OPTIMIZERS = ("sgd", "adamw")
 LOADERS = ("packed", "folder")
 BAD_IMAGE_POLICIES = ("error", "skip")  # cvplay.prepare.BAD_IMAGE_POLICIES (not imported: PIL)
-# Test-time augmentation: auto = the views the model was trained on (train.augment crop_flip:
-# flip_translate; flip: flip; none: none). cvplay.engine.tta_views resolves it.
+# Test-time augmentation: auto = the views the model was trained on (train.augment crop_flip
+# or crop_altflip: flip_translate; flip: flip; none: none). cvplay.engine.tta_views resolves it.
 TTAS = ("auto", "flip_translate", "flip", "none")
 # Keys with a fixed set of values: a value of the wrong type is told the choices too.
 CHOICES = {
@@ -98,12 +100,19 @@ class TrainConfig:
     # Exponential moving average of the weights, used for validation and the checkpoints:
     # the decay per step (e.g. 0.99); 0 = off.
     ema: float = 0.0
+    # airbench's lookahead: every 5 steps a slow copy of the weights moves toward the live
+    # ones by 1 - lookahead^5 x (step/steps)^3 (no averaging early, more as training ends)
+    # and the live weights are reset to it; after the last step they take the slow copy.
+    # The decay per step (airbench: 0.95); 0 = off.
+    lookahead: float = 0.0
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
     # Training augmentation: "crop_flip" (RandomCrop(32, padding=crop_padding) + horizontal
-    # flip), "flip" (flip only) or "none".
+    # flip), "crop_altflip" (the same crops; airbench's alternating flip: each image mirrored
+    # in every other epoch, from a seeded coin; packed loader only), "flip" (flip only) or
+    # "none".
     augment: str = "crop_flip"
     # Padding around each image before the random crop: crops shift it by up to this many
-    # pixels each way (crop_flip only) ...
+    # pixels each way (crop_flip, crop_altflip) ...
     crop_padding: int = 4
     # ... filled with "zeros" (RandomCrop's default) or "reflect" (the image mirrored at its
     # edge, as airbench and Page's ResNet-9 do).
@@ -161,7 +170,7 @@ class EvalConfig:
     # models only): average the logits of several views of each image. flip: the image and
     # its mirror; flip_translate: those two (weight 1/2) and both mirrored copies shifted one
     # pixel up-left and one down-right (1/2); auto: flip_translate for models trained with
-    # crop_flip, flip for flip, none for none.
+    # crop_flip or crop_altflip, flip for flip, none for none.
     tta: str = "auto"
 
 
@@ -319,13 +328,24 @@ def validate(params: Params) -> Params:
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     _check(t.norm_lr_scale > 0, "train.norm_lr_scale", f"must be > 0, got {t.norm_lr_scale}")
     _check(
-        t.warmup_epochs < t.epochs or t.scheduler not in ("cosine", "triangle"),
+        t.warmup_epochs < t.epochs or t.scheduler not in WARMUP_SCHEDULERS,
         "train.warmup_epochs",
         f"{t.warmup_epochs} must be less than train.epochs={t.epochs}",
     )
     _check(0 <= t.ema < 1, "train.ema", f"must be in [0, 1) (0 = off), got {t.ema}")
+    _check(
+        0 <= t.lookahead < 1,
+        "train.lookahead",
+        f"must be in [0, 1) (0 = off; airbench: 0.95), got {t.lookahead}",
+    )
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     _choice(t.loader, LOADERS, "train.loader")
+    _check(
+        t.augment != "crop_altflip" or t.loader == "packed",
+        "train.augment",
+        "crop_altflip needs train.loader: packed (the folder loader's per-sample transforms"
+        " know no epoch); use crop_flip with the folder loader",
+    )
     _check(params.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _choice(params.eval.tta, TTAS, "eval.tta")
     f, tr = params.features, params.transfer

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cvplay.config import Params, TrainConfig
+from cvplay.config import WARMUP_SCHEDULERS, Params, TrainConfig
 from cvplay.distributed import reduce_sum
 from cvplay.io import save_torch
 from cvplay.models import MODEL_INPUTS
@@ -140,7 +140,7 @@ def make_schedule(
             pct_start=0.25,
         )
         return Schedule(sched, per_batch=True)
-    if cfg.scheduler in ("cosine", "triangle"):
+    if cfg.scheduler in WARMUP_SCHEDULERS:
         total = cfg.epochs * steps_per_epoch
         warm = round(cfg.warmup_epochs * steps_per_epoch)
         shape = _warmup_cosine if cfg.scheduler == "cosine" else _triangle
@@ -204,6 +204,46 @@ class EMA:
         self.steps = state["steps"]
 
 
+LOOKAHEAD_EVERY = 5  # airbench's: the slow weights are synced every 5 optimizer steps
+
+
+class Lookahead:
+    """airbench's lookahead: a slow copy of the model's float weights and buffers. Every
+    ``LOOKAHEAD_EVERY`` optimizer steps the slow copy moves toward the live weights,
+    slow += (1 - a) (live - slow) with a = decay^LOOKAHEAD_EVERY x (step / total_steps)^3,
+    and the live weights are reset to it: no averaging while they still travel far, more as
+    training ends. ``finish`` (after the last step) leaves the live weights at the slow ones.
+    All of it is ``torch._foreach`` work on the device, with no host sync.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, total_steps: int):
+        self.decay, self.total_steps, self.steps = decay, total_steps, 0
+        state = unwrap(model).state_dict()  # detached views of the live tensors
+        self.live = [t for t in state.values() if t.dtype.is_floating_point]
+        self.slow = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def _sync(self, alpha: float) -> None:
+        torch._foreach_lerp_(self.slow, self.live, 1.0 - alpha)
+        torch._foreach_copy_(self.live, self.slow)
+
+    def update(self) -> None:
+        self.steps += 1
+        if self.steps % LOOKAHEAD_EVERY == 0:
+            ramp = (self.steps / self.total_steps) ** 3
+            self._sync(self.decay**LOOKAHEAD_EVERY * ramp)
+
+    def finish(self) -> None:
+        self._sync(1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slow": self.slow, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch._foreach_copy_(self.slow, list(state["slow"]))
+        self.steps = state["steps"]
+
+
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPUs here lack fast bf16)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
@@ -229,6 +269,7 @@ def train_one_epoch(
     amp: bool = False,
     desc: str = "train",
     ema: EMA | None = None,
+    lookahead: Lookahead | None = None,
     grad_clip: float = 0.0,
 ) -> dict[str, float]:
     model.train()
@@ -247,6 +288,8 @@ def train_one_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
         optimizer.step()
         schedule.after_batch()
+        if lookahead is not None:
+            lookahead.update()
         if ema is not None:
             ema.update()
         sums += torch.stack(
@@ -268,7 +311,8 @@ def tta_views(tta: str, cfg: Params) -> str:
         return "none"
     if tta != "auto":
         return tta
-    return {"crop_flip": "flip_translate", "flip": "flip", "none": "none"}[cfg.train.augment]
+    views = {"crop_flip": "flip_translate", "crop_altflip": "flip_translate", "flip": "flip"}
+    return views.get(cfg.train.augment, "none")
 
 
 def shift_one_pixel(x: torch.Tensor, step: int) -> torch.Tensor:
@@ -411,6 +455,8 @@ def fit(
     schedule = schedule or make_schedule(optimizer, cfg, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    steps = cfg.epochs * len(train_loader)
+    lookahead = Lookahead(model, cfg.lookahead, steps) if cfg.lookahead > 0 else None
     result = FitResult()
     generator = getattr(train_loader, "generator", None)
     first, elapsed, best_state = 1, 0.0, None
@@ -422,6 +468,8 @@ def fit(
             schedule.scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         set_rng_state(state["rng"], generator)
         result.history = state["history"]
         result.best_epoch, result.best_val_acc, result.best_val_loss = state["best"]
@@ -436,6 +484,8 @@ def fit(
     scored = ema.module if ema is not None else model
     for epoch in range(first, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        if hasattr(train_loader, "set_epoch"):  # e.g. crop_altflip's flips follow the epoch
+            train_loader.set_epoch(epoch)
         tr = train_one_epoch(
             model,
             train_loader,
@@ -446,8 +496,11 @@ def fit(
             amp=cfg.amp,
             desc=f"epoch {epoch}/{cfg.epochs}",
             ema=ema,
+            lookahead=lookahead,
             grad_clip=cfg.grad_clip,
         )
+        if lookahead is not None and epoch == cfg.epochs:
+            lookahead.finish()
         va = validate(scored, val_loader, amp=cfg.amp, tta=tta)
         schedule.after_epoch(va["loss"])
         row = {
@@ -480,6 +533,7 @@ def fit(
                         schedule.scheduler.state_dict() if schedule.scheduler is not None else None
                     ),
                     "ema": ema.state_dict() if ema is not None else None,
+                    "lookahead": lookahead.state_dict() if lookahead is not None else None,
                     "rng": rng_state(generator),
                     "history": result.history,
                     "best": [result.best_epoch, result.best_val_acc, result.best_val_loss],

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
+from cvplay.config import CROP_AUGMENTS
 from cvplay.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -33,6 +34,9 @@ from cvplay.data import (
 )
 
 PAD = 4  # RandomCrop(32, padding=4): the default train.crop_padding
+# crop_altflip's per-image first flips come from a generator seeded with seed + this, apart
+# from the loader's generator (whose state a resumed run restores).
+ALTFLIP_SEED_OFFSET = 1
 
 # How the border added before a random crop is filled (train.crop_pad_mode): with zeros (black,
 # RandomCrop's default) or by reflecting the image at its edge (airbench, Page's ResNet-9).
@@ -43,7 +47,8 @@ def train_transform(
     augment: str = "crop_flip", pad: int = PAD, pad_mode: str = "zeros"
 ) -> transforms.Compose:
     """``augment``: "crop_flip" (RandomCrop(32, padding=pad) + flip), "flip" or "none";
-    ``pad_mode``: a key of ``PAD_MODES``."""
+    ``pad_mode``: a key of ``PAD_MODES``. (The per-sample transforms know no epoch, so they
+    have no "crop_altflip"; config validation keeps it to the packed loader.)"""
     steps = []
     if augment == "crop_flip":
         steps.append(transforms.RandomCrop(32, padding=pad, padding_mode=PAD_MODES[pad_mode]))
@@ -131,8 +136,10 @@ def augmented_samples(
     images: torch.Tensor, augment: str, seed: int, pad: int = PAD, pad_mode: str = "zeros"
 ) -> torch.Tensor:
     """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
-    from a generator of their own (the training run's RNGs are not touched)."""
-    crop, flips = augment == "crop_flip", augment in ("crop_flip", "flip")
+    from a generator of their own (the training run's RNGs are not touched). An image's
+    alternating flip (crop_altflip) is a seeded coin in its first epoch, so it is drawn as
+    crop_flip's is."""
+    crop, flips = augment in CROP_AUGMENTS, augment in (*CROP_AUGMENTS, "flip")
     generator = torch.Generator().manual_seed(seed)
     offsets, flip = augment_params(len(images), crop, flips, generator, pad)
     pixels = pack_pixels(images, pad if crop else 0, pad_mode)
@@ -140,7 +147,13 @@ def augmented_samples(
 
 
 class PackedLoader(DeviceBatches):
-    """Batches from device-resident packed pixels; augmentation by indexing on the device."""
+    """Batches from device-resident packed pixels; augmentation by indexing on the device.
+
+    ``augment="crop_altflip"`` is airbench's alternating flip: every image is mirrored in
+    every other epoch, starting from a seeded coin per image (``first_flip``), so that any
+    two consecutive epochs show both of its sides. The epoch comes from ``set_epoch`` (as
+    with ``DistributedSampler``), which the training loop calls before each epoch.
+    """
 
     def __init__(
         self,
@@ -168,8 +181,14 @@ class PackedLoader(DeviceBatches):
             rank=rank,
             world=world,
         )
-        self.crop = train and augment == "crop_flip"
+        self.crop = train and augment in CROP_AUGMENTS
         self.flip = train and augment in ("crop_flip", "flip")
+        self.epoch = 1
+        self.first_flip = None  # per image (indexed like packed.images), crop_altflip only
+        if train and augment == "crop_altflip":
+            coins = torch.Generator().manual_seed(seed + ALTFLIP_SEED_OFFSET)
+            first = torch.rand(len(packed.images), generator=coins) < 0.5
+            self.first_flip = first.to(device)
         # Padded once up front (as RandomCrop's padding), not per batch.
         self.pad = crop_padding
         pad = self.pad if self.crop else 0
@@ -178,8 +197,13 @@ class PackedLoader(DeviceBatches):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.normalize = Normalize(device, fmt)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offsets, flip = augment_params(len(idx), self.crop, self.flip, self.generator, self.pad)
+        if self.first_flip is not None:  # the first flip in odd epochs, the other in even
+            flip = self.first_flip[idx] != (self.epoch % 2 == 0)
         idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
         x = crop_flip(self.pixels, idx, offsets, flip, self.size)
         return self.normalize(x), self.labels[idx]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cvplay import paths
-from cvplay.config import Params, TrainConfig
+from cvplay.config import CROP_AUGMENTS, Params, TrainConfig
 from cvplay.data import Normalize, Packed, load_packed, split_indices
 from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import (
@@ -252,7 +252,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         [classes[i] for i in packed.labels[shown].tolist()],
         paths.AUGMENTED_PNG,
         title=f"training samples as {params.model} sees them (augment: {augment}"
-        + (f", padding {pad} {pad_mode}" if augment == "crop_flip" else "")
+        + (f", padding {pad} {pad_mode}" if augment in CROP_AUGMENTS else "")
         + "; "
         "before normalisation)",
     )

@@ -82,6 +82,14 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
         (lambda p: p["train"].update(augment="cutmix"), "train.augment: unknown choice 'cutmix'"),
         (lambda p: p["train"].update(ema=1.0), "train.ema: must be in [0, 1)"),
         (
+            lambda p: p["train"].update(lookahead=-0.5),
+            "train.lookahead: must be in [0, 1) (0 = off; airbench: 0.95), got -0.5",
+        ),
+        (
+            lambda p: p["train"].update(augment="crop_altflip", loader="folder"),
+            "train.augment: crop_altflip needs train.loader: packed",
+        ),
+        (
             lambda p: p["train"].update(crop_pad_mode="mirror"),
             "train.crop_pad_mode: unknown choice 'mirror'; choose one of: zeros, reflect",
         ),

@@ -11,7 +11,7 @@ from torchvision import datasets
 from torchvision.transforms import functional as TF
 
 from cvplay import prepare as prep
-from cvplay.data import Normalize, load_packed, split_indices
+from cvplay.data import Normalize, Packed, load_packed, split_indices
 from cvplay.errors import CvplayError
 from cvplay.loaders import (
     PAD_MODES,
@@ -368,3 +368,54 @@ def test_data_init_sample_is_a_seeded_draw_of_training_images_only():
     assert (drawn % 2 == 0).all()  # training images only
     # a draw across the classes, not the first images of the sorted set
     assert len(set((drawn * 10 // n).tolist())) == 10
+
+
+def _mirrored(loader, reference):
+    """{image index: shown mirrored?} over one epoch of ``loader`` (whole images, no crop)."""
+    out = {}
+    for x, _ in loader:
+        for img in x:
+            same = (reference == img).flatten(1).all(1)
+            mirrored = (reference.flip(3) == img).flatten(1).all(1)
+            assert int(same.sum() + mirrored.sum()) == 1  # exactly one image, one side
+            out[int((same | mirrored).nonzero())] = bool(mirrored.any())
+    return out
+
+
+def test_alternating_flip_shows_each_image_mirrored_in_every_other_epoch():
+    g = torch.Generator().manual_seed(0)  # noise images: none is its own mirror image
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    packed = Packed(images, torch.arange(40) % 4, list("abcd"))
+    idx = torch.arange(5, 40)  # a training split: indices into the packed set
+    cpu = torch.device("cpu")
+    plain = PackedLoader(packed, idx, batch_size=len(idx), device=cpu, train=False, seed=0)
+    ((reference, _),) = list(plain)
+
+    def loader(seed):  # padding 0: the crops are the whole image, so only the flip varies
+        kw = dict(batch_size=len(idx), device=cpu, train=True, seed=seed, crop_padding=0)
+        return PackedLoader(packed, idx, augment="crop_altflip", **kw)
+
+    a = loader(5)
+    epochs = []
+    for epoch in (1, 2, 3):
+        a.set_epoch(epoch)
+        epochs.append(_mirrored(a, reference))
+    first, second, third = epochs
+    assert first.keys() == set(range(len(idx)))
+    assert 0 < sum(first.values()) < len(idx)  # a coin per image, not all or none
+    assert all(second[i] != first[i] for i in first)  # each epoch shows the other side ...
+    assert third == first  # ... and back
+    b = loader(5)
+    b.set_epoch(1)
+    assert _mirrored(b, reference) == first  # seeded
+    c = loader(6)
+    c.set_epoch(1)
+    assert _mirrored(c, reference) != first
+    # the crops are crop_flip's: same seed, same offsets (only the flips differ)
+    kw = dict(batch_size=len(idx), device=cpu, train=True, seed=5, crop_padding=2)
+    alt = PackedLoader(packed, idx, augment="crop_altflip", **kw)
+    rnd = PackedLoader(packed, idx, augment="crop_flip", **kw)
+    alt.set_epoch(1)
+    ((xa, ya),), ((xr, yr),) = list(alt), list(rnd)
+    assert torch.equal(ya, yr)
+    assert all(torch.equal(p, q) or torch.equal(p, q.flip(2)) for p, q in zip(xa, xr, strict=True))

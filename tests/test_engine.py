@@ -8,6 +8,8 @@ from torch import nn
 from cvplay.config import Params, TrainConfig
 from cvplay.engine import (
     EMA,
+    LOOKAHEAD_EVERY,
+    Lookahead,
     _cpu_copy,
     accuracy_top1,
     fit,
@@ -152,16 +154,21 @@ def test_no_weight_decay_on_norm_weights_and_biases_unless_asked():
     assert opt.param_groups[0]["nesterov"] is True
 
 
-def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
-    model = nn.Linear(2, 2)
-    cfg = _cfg(scheduler="cosine", epochs=4, warmup_epochs=1)
-    opt = make_optimizer(model, cfg)
-    schedule = make_schedule(opt, cfg, steps_per_epoch=10)
+def _lr_trace(cfg, steps_per_epoch, n):
+    """The lr of each of ``n`` steps under ``cfg``'s schedule, and the optimizer after them."""
+    opt = make_optimizer(nn.Linear(2, 2), cfg)
+    schedule = make_schedule(opt, cfg, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(40):
+    for _ in range(n):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         schedule.after_batch()
+    return lrs, opt
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+    cfg = _cfg(scheduler="cosine", epochs=4, warmup_epochs=1)
+    lrs, opt = _lr_trace(cfg, steps_per_epoch=10, n=40)
     assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
     assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
@@ -265,6 +272,7 @@ def test_flip_translate_tta_weighs_the_flip_pair_half_and_the_shifted_pairs_half
     ("model", "tta", "augment", "views"),
     [
         ("simplecnn", "auto", "crop_flip", "flip_translate"),
+        ("simplecnn", "auto", "crop_altflip", "flip_translate"),
         ("simplecnn", "auto", "flip", "flip"),
         ("simplecnn", "auto", "none", "none"),
         ("simplecnn", "flip", "crop_flip", "flip"),
@@ -316,18 +324,67 @@ def test_norm_lr_scale_speeds_up_norm_layers_and_keeps_their_decay_per_step():
 
 
 def test_triangle_schedule_rises_from_a_fifth_then_falls_linearly_to_zero():
-    model = nn.Linear(2, 2)
     cfg = _cfg(scheduler="triangle", epochs=5, warmup_epochs=1)
-    opt = make_optimizer(model, cfg)
-    schedule = make_schedule(opt, cfg, steps_per_epoch=10)
-    lrs = []
-    for _ in range(50):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        schedule.after_batch()
+    lrs, opt = _lr_trace(cfg, steps_per_epoch=10, n=50)
     assert lrs[0] == pytest.approx(0.02) and lrs[5] == pytest.approx(0.06)
     assert lrs[10] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.05)
     steps_up = [b - a for a, b in itertools.pairwise(lrs[:11])]
     steps_down = [a - b for a, b in itertools.pairwise(lrs[10:])]
     assert steps_up == pytest.approx([0.008] * 10) and steps_down == pytest.approx([0.0025] * 39)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lookahead_pulls_the_live_weights_back_to_a_slow_copy_every_5_steps():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    start = model[0].weight.detach().clone()
+    look = Lookahead(model, decay=0.95, total_steps=10)
+    assert LOOKAHEAD_EVERY == 5
+
+    def step():  # an "optimizer step": every float weight and buffer moves by +1
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+            model[1].running_mean.add_(1.0)
+            model[1].num_batches_tracked.add_(1)
+        look.update()
+
+    for _ in range(4):
+        step()
+    assert torch.equal(model[0].weight, start + 4)  # no sync between multiples of 5
+    step()  # step 5: slow moves 1 - 0.95^5 (5/10)^3 of the way to live (5 ahead); live = slow
+    slow5 = start + 5 * (1 - 0.95**5 * 0.5**3)
+    assert torch.allclose(model[0].weight, slow5)
+    assert torch.allclose(model[1].running_mean, torch.full((2,), 5 * (1 - 0.95**5 * 0.5**3)))
+    assert model[1].num_batches_tracked == 5  # integer buffers are left alone
+    for _ in range(5):
+        step()  # step 10: a = 0.95^5
+    slow10 = slow5 + 5 * (1 - 0.95**5)
+    assert torch.allclose(model[0].weight, slow10)
+    with torch.no_grad():
+        model[0].weight.add_(3.0)  # live weights wander off; finish() ends on the slow copy
+    look.finish()
+    assert torch.allclose(model[0].weight, slow10)
+    # the state round-trips into a fresh Lookahead (resume)
+    again = Lookahead(model, decay=0.95, total_steps=10)
+    with torch.no_grad():
+        model[0].weight.add_(7.0)
+    again.load_state_dict(look.state_dict())
+    assert again.steps == 10
+    again.finish()
+    assert torch.allclose(model[0].weight, slow10)
+
+
+def test_fit_with_lookahead_ends_on_the_slow_weights_and_saves_them(tmp_path):
+    data = _blobs()
+    meta = {"config": {}, "classes": list("abcd")}
+    runs = {}
+    for lookahead in (0.0, 0.95):
+        set_seed(0)
+        model = nn.Linear(8, 4)
+        cfg = _cfg(lookahead=lookahead, epochs=3)
+        out = tmp_path / str(lookahead)
+        result = fit(model, data, data, cfg, checkpoint_dir=out, checkpoint_meta=meta)
+        last = torch.load(out / "last.pt", weights_only=True)["model"]["weight"]
+        assert torch.equal(last, model.weight.detach())
+        runs[lookahead] = (last, result.history[-1]["val_acc"])
+    assert len(data) * 3 >= 2 * LOOKAHEAD_EVERY  # the slow copy was synced during training
+    assert not torch.equal(runs[0.0][0], runs[0.95][0])  # ... and it changed the outcome

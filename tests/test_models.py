@@ -129,5 +129,9 @@ def test_airbench_is_dirac_initialised_with_fixed_batchnorm_scales():
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 6
     assert all(not m.weight.requires_grad and m.bias.requires_grad for m in bns)
+    # running statistics follow the last few batches: 0.6 old + 0.4 new (airbench's)
+    bn = bns[0].train()
+    bn(torch.full((4, 64, 3, 3), 5.0))
+    assert torch.allclose(bn.running_mean, torch.full((64,), 2.0))
     # 32 -> 31 (2x2 whitening) -> 15 -> 7 -> 3 -> 1
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -30,12 +30,12 @@ OUTPUTS = [
 
 
 def _params(source: Path, **train) -> str:
-    # mlp with EMA, label smoothing and onecycle: model, optimizer, scheduler and EMA state
-    # all have to come back for a resumed run to match.
+    # mlp with EMA, lookahead, label smoothing, onecycle and alternating flips: model,
+    # optimizer, scheduler, EMA and lookahead state and the flips' epoch all have to come back
+    # for a resumed run to match.
+    recipe = {"epochs": 3, "batch_size": 16, "ema": 0.9, "lookahead": 0.9, "label_smoothing": 0.1}
     return tiny_params(
-        source,
-        model="mlp",
-        train={"epochs": 3, "batch_size": 16, "ema": 0.9, "label_smoothing": 0.1, **train},
+        source, model="mlp", train={**recipe, "augment": "crop_altflip", "crop_padding": 2, **train}
     )
 
 
@@ -85,7 +85,7 @@ def test_two_runs_are_byte_identical(project, baseline):
 
 
 def test_folder_loader_with_workers_is_reproducible(tiny_folder, tmp_path):
-    params = _params(tiny_folder, loader="folder", num_workers=2, epochs=2)
+    params = _params(tiny_folder, loader="folder", num_workers=2, epochs=2, augment="crop_flip")
     path = make_project(tmp_path / "proj", params)
     run([sys.executable, "-m", "stages.prepare"], cwd=path)
     _train(path)
