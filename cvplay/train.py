@@ -77,12 +77,17 @@ def make_loaders(
 DATA_INIT_IMAGES = 5000  # airbench's whitening sample size
 
 
-def data_init_sample(packed: Packed, train_idx: torch.Tensor, seed: int) -> torch.Tensor:
-    """Normalised float images for models that set layers from the data (``data_init``):
-    a seeded draw of up to DATA_INIT_IMAGES training images (the prepared images are sorted
+def seeded_draw(train_idx: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Up to ``n`` of ``train_idx`` in a seeded random order (the prepared images are sorted
     by class, so the first ones would all be airplanes); the same on every rank."""
     order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
-    chosen = train_idx[order[:DATA_INIT_IMAGES]]
+    return train_idx[order[:n]]
+
+
+def data_init_sample(packed: Packed, train_idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """Normalised float images for models that set layers from the data (``data_init``):
+    a seeded draw of up to DATA_INIT_IMAGES training images."""
+    chosen = seeded_draw(train_idx, DATA_INIT_IMAGES, seed)
     return Normalize(torch.device("cpu"))(packed.images[chosen])
 
 
@@ -242,9 +247,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         return None
     write_history(paths.HISTORY_CSV, result.history)
     plot_history(result.history, paths.CURVES_PNG, title=params.model)
-    # 32 training images (a seeded draw: the prepared data is sorted by class)
-    pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(params.seed))
-    shown = train_idx[pick[:32]]
+    shown = seeded_draw(train_idx, 32, params.seed)  # 32 training images
     augment = params.train.augment if images else "none"
     pad, pad_mode = params.train.crop_padding, params.train.crop_pad_mode
     plot_image_grid(
