@@ -68,9 +68,19 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command; on an unexpected exit show its output in the test failure."""
-    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run a command; on an unexpected exit or a hang show its output in the test failure."""
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f"{' '.join(cmd)} still running after {timeout:.0f} s\n--- stdout\n{exc.stdout}\n"
+            f"--- stderr\n{exc.stderr}"
+        ) from None
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
@@ -79,8 +89,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+def dvc(
+    *args: str, cwd: Path, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check, timeout=timeout)
 
 
 def make_project(dest: Path, params_yaml: str) -> Path:

@@ -1,9 +1,13 @@
 """Parallel sweeps: dvc exp run --queue + dvc queue start -j 2, on tiny data."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
-from tests.conftest import dvc, make_project, run, tiny_params
+from tests.conftest import dvc, make_project, run, tiny_params, tool_env
 
 
 def _exp_metrics(repo) -> dict[str, dict]:
@@ -25,23 +29,61 @@ def _exp_metrics(repo) -> dict[str, dict]:
     return out
 
 
+def _worker_logs(repo) -> str:
+    """The queue workers' own output, for a failure message."""
+    logs = sorted((repo / ".dvc" / "tmp" / "exps").rglob("dvc-exp-worker-*.out"))
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
+
+
+def _kill_workers(repo) -> None:
+    """Stop any queue worker still alive, so that none outlives the test.
+
+    Each worker records its pid in ``<name>.json`` (dvc-task's ManagedProcess) and runs in a
+    process group of its own, which holds the experiment it is running.
+    """
+    dvc("queue", "stop", "--kill", cwd=repo, check=False, timeout=60)
+    for info in (repo / ".dvc" / "tmp" / "exps").rglob("dvc-exp-worker-*.json"):
+        try:
+            pid = json.loads(info.read_text())["pid"]
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass  # already gone, or the file was mid-write
+
+
 def test_queued_sweep_runs_two_experiments_in_parallel(tiny_folder, tmp_path):
     repo = make_project(tmp_path / "proj", tiny_params(tiny_folder, train={"epochs": 1}))
     dvc("repro", "prepare", cwd=repo)  # shared by both experiments through DVC's run-cache
     run(["git", "add", "-A"], cwd=repo)
     run(["git", "commit", "-qm", "prepared"], cwd=repo)
     dvc("exp", "run", "--queue", "-S", "model=mlp,simplecnn", cwd=repo)
-    dvc("queue", "start", "-j", "2", cwd=repo)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc("queue", "status", cwd=repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        raise AssertionError(f"queue did not finish in time:\n{status}")
-    assert status.count("Success") == 2, status
-    exps = _exp_metrics(repo)
+    try:
+        # `dvc queue start` forks its workers with its own stdout and stderr: captured
+        # through pipes, the call would not return until every worker had exited. A file
+        # decouples the test from the workers' lifetime; the status poll below is the wait.
+        with open(tmp_path / "queue-start.log", "w") as log:
+            subprocess.run(
+                [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"],
+                cwd=repo,
+                env=tool_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+            )
+        started = (tmp_path / "queue-start.log").read_text()
+        assert "Started '2'" in started, started
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = dvc("queue", "status", cwd=repo, timeout=120).stdout
+            finished = status.count("Success") + status.count("Failed")
+            if finished == 2 and "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+        else:
+            raise AssertionError(f"queue did not finish in 600 s:\n{status}\n{_worker_logs(repo)}")
+        assert status.count("Success") == 2, f"{status}\n{_worker_logs(repo)}"
+        exps = _exp_metrics(repo)
+    finally:
+        _kill_workers(repo)
     models = sorted(e["model"] for e in exps.values())
     assert models == ["mlp", "simplecnn"], exps
     for exp in exps.values():
