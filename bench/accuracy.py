@@ -17,10 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-from bench.throughput import machine
 from cvplay import paths
 from cvplay.config import CROP_AUGMENTS, WARMUP_SCHEDULERS, TrainConfig, load_params
-from cvplay.engine import tta_views
+from cvplay.engine import machine, tta_views
 
 ACCURACY = Path(__file__).with_name("ACCURACY.md")
 HEADER = (

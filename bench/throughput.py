@@ -29,7 +29,6 @@ import datetime
 import itertools
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from cvplay.data import Normalize, load_packed
 from cvplay.distributed import Dist
 from cvplay.engine import (
     EMA,
+    machine,
     make_optimizer,
     make_schedule,
     pick_device,
@@ -214,22 +214,6 @@ VARIANTS = {
     "1 thread": lambda c: c,  # set around the call
     "optimizer not fused": lambda c: c,  # passed to the runner
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, {dev}; "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def run(args) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 import random
 import sys
 import time
@@ -40,6 +41,24 @@ def set_seed(seed: int) -> None:
 def pick_device(local_rank: int = 0) -> torch.device:
     """CUDA (this process's GPU under torchrun) when available, else the CPU."""
     return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def machine() -> str:
+    """The CPU model, torch threads and GPU, e.g. for a run's timing log: wall times are only
+    comparable on the same machine, and the CPU behind a cloud VM can change between runs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, {dev}; "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def accuracy_top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import (
     FitResult,
     fit,
+    machine,
     make_schedule,
     pick_device,
     set_seed,
@@ -282,6 +283,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             "images_per_s": round(n_train * params.train.epochs / result.train_seconds, 1),
             "device": device.type,
             "processes": ddp.world,
+            "machine": machine(),
         },
     )
     resume.clear()

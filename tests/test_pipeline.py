@@ -28,6 +28,8 @@ def test_repro_writes_metrics_checkpoints_and_plots(repo):
     assert {"val_acc", "val_loss", "best_epoch", "params", "forward_mflops"} <= train.keys()
     timing = json.loads((repo / "logs/train_timing.json").read_text())
     assert timing["train_seconds"] > 0 and timing["images_per_s"] > 0
+    # The run names its machine (CPU model, threads, GPU): its wall time means nothing without.
+    assert "torch threads" in timing["machine"] and "torch 2." in timing["machine"]
     assert 0 <= train["val_acc"] <= 1 and train["best_epoch"] in (1, 2)
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert {"test_acc", "test_loss", "per_class_acc"} <= ev.keys()
