@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -71,21 +72,27 @@ def tool_env() -> dict[str, str]:
 def run(
     cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Run a command; on an unexpected exit or a hang show its output in the test failure."""
-    try:
-        proc = subprocess.run(
-            cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
+    """Run a command; on an unexpected exit or a hang show its output in the test failure.
+
+    Output goes through temporary files, not pipes: a process the command leaves behind
+    (`dvc queue start` forks its workers) inherits them, and with pipes the call would wait
+    for it to exit too.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=cwd, env=tool_env(), stdout=out, stderr=err, text=True, timeout=timeout
+            )
+            problem = f"exited {proc.returncode}" if check and proc.returncode != 0 else ""
+        except subprocess.TimeoutExpired:
+            proc, problem = None, f"still running after {timeout:.0f} s"
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if problem:
         raise AssertionError(
-            f"{' '.join(cmd)} still running after {timeout:.0f} s\n--- stdout\n{exc.stdout}\n"
-            f"--- stderr\n{exc.stderr}"
-        ) from None
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
-            f"--- stderr\n{proc.stderr}"
+            f"{' '.join(cmd)} {problem}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
         )
+    proc.stdout, proc.stderr = stdout, stderr
     return proc
 
 

@@ -3,11 +3,9 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
-from tests.conftest import dvc, make_project, run, tiny_params, tool_env
+from tests.conftest import dvc, make_project, run, tiny_params
 
 
 def _exp_metrics(repo) -> dict[str, dict]:
@@ -57,19 +55,9 @@ def test_queued_sweep_runs_two_experiments_in_parallel(tiny_folder, tmp_path):
     run(["git", "commit", "-qm", "prepared"], cwd=repo)
     dvc("exp", "run", "--queue", "-S", "model=mlp,simplecnn", cwd=repo)
     try:
-        # `dvc queue start` forks its workers with its own stdout and stderr: captured
-        # through pipes, the call would not return until every worker had exited. A file
-        # decouples the test from the workers' lifetime; the status poll below is the wait.
-        with open(tmp_path / "queue-start.log", "w") as log:
-            subprocess.run(
-                [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"],
-                cwd=repo,
-                env=tool_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=120,
-            )
-        started = (tmp_path / "queue-start.log").read_text()
+        # `dvc queue start` returns once its workers are up (run() does not wait on the
+        # workers, which inherit its output); the status poll below is the wait.
+        started = dvc("queue", "start", "-j", "2", cwd=repo, timeout=120).stdout
         assert "Started '2'" in started, started
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
