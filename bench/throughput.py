@@ -44,6 +44,7 @@ from cvplay.data import Normalize, load_packed
 from cvplay.distributed import Dist
 from cvplay.engine import (
     EMA,
+    amp_enabled,
     machine,
     make_optimizer,
     make_schedule,
@@ -96,7 +97,7 @@ class Runner:
             self.criterion,
             self.schedule,
             device=self.device,
-            amp=self.cfg.amp,
+            amp=amp_enabled(self.cfg, self.device),
             ema=self.ema,
             grad_clip=self.cfg.grad_clip,
         )
@@ -210,6 +211,8 @@ def recipe(name: str, batch_size: int | None) -> TrainConfig:
 VARIANTS = {
     "channels_last off (NCHW)": lambda c: replace(c, channels_last=not c.channels_last),
     "compile": lambda c: replace(c, compile=True),
+    # train.amp on CUDA, train.amp_cpu on the CPU: whichever applies, switched
+    "bf16 autocast toggled": lambda c: replace(c, amp=not c.amp, amp_cpu=not c.amp_cpu),
     "2x batch": lambda c: replace(c, batch_size=2 * c.batch_size),
     "1 thread": lambda c: c,  # set around the call
     "optimizer not fused": lambda c: c,  # passed to the runner

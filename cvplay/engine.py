@@ -263,9 +263,21 @@ class Lookahead:
         self.steps = state["steps"]
 
 
+def amp_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training on ``device`` runs under bf16 autocast: ``train.amp`` on CUDA,
+    ``train.amp_cpu`` on the CPU, never elsewhere."""
+    return {"cuda": cfg.amp, "cpu": cfg.amp_cpu}.get(device.type, False)
+
+
+def cpu_runs_bf16_natively() -> bool:
+    """AMX tiles or AVX512-BF16: the CPU instructions oneDNN's bf16 kernels need to beat fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPUs here lack fast bf16)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    """bf16 autocast on ``device`` (CUDA or the CPU) when ``amp``; a no-op otherwise."""
+    kind = device.type if device.type in ("cuda", "cpu") else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=amp and device.type == kind)
 
 
 def _epoch_stats(sums: torch.Tensor, seen: int) -> dict[str, float]:
@@ -501,6 +513,7 @@ def fit(
         print(f"resuming after epoch {state['epoch']} from {resume.path}", file=sys.stderr)
     start = time.perf_counter() - elapsed
     scored = ema.module if ema is not None else model
+    amp = amp_enabled(cfg, device)
     for epoch in range(first, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         if hasattr(train_loader, "set_epoch"):  # e.g. crop_altflip's flips follow the epoch
@@ -512,7 +525,7 @@ def fit(
             criterion,
             schedule,
             device=device,
-            amp=cfg.amp,
+            amp=amp,
             desc=f"epoch {epoch}/{cfg.epochs}",
             ema=ema,
             lookahead=lookahead,
@@ -520,7 +533,7 @@ def fit(
         )
         if lookahead is not None and epoch == cfg.epochs:
             lookahead.finish()
-        va = validate(scored, val_loader, amp=cfg.amp, tta=tta)
+        va = validate(scored, val_loader, amp=amp, tta=tta)
         schedule.after_epoch(va["loss"])
         row = {
             "epoch": epoch,

@@ -16,6 +16,8 @@ from cvplay.data import Normalize, Packed, load_packed, split_indices
 from cvplay.distributed import Dist, close_distributed, init_distributed
 from cvplay.engine import (
     FitResult,
+    amp_enabled,
+    cpu_runs_bf16_natively,
     fit,
     machine,
     make_schedule,
@@ -219,6 +221,12 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         )
         recipe = ", ".join(f"{k}={v}" for k, v in asdict(params.train).items())
         print(f"train: {recipe}", file=sys.stderr)
+        if device.type == "cpu" and params.train.amp_cpu and not cpu_runs_bf16_natively():
+            print(
+                "warning: train.amp_cpu is on but this CPU has neither AMX nor AVX512-BF16, "
+                "so bf16 runs slower than fp32 here; set train.amp_cpu: false",
+                file=sys.stderr,
+            )
     meta = {"config": params.to_dict(), "classes": classes}
     data_files = (
         [paths.FEATURES_TRAIN, paths.FEATURES_LAYER4]
@@ -282,6 +290,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             # training images per second over the whole fit (validation time included)
             "images_per_s": round(n_train * params.train.epochs / result.train_seconds, 1),
             "device": device.type,
+            "autocast": "bf16" if amp_enabled(params.train, device) else "none",
             "processes": ddp.world,
             "machine": machine(),
         },

@@ -12,6 +12,8 @@ from cvplay.engine import (
     Lookahead,
     _cpu_copy,
     accuracy_top1,
+    amp_enabled,
+    autocast,
     fit,
     infer,
     make_optimizer,
@@ -81,6 +83,41 @@ def test_train_one_epoch_learns_and_reports_sample_averages():
     ]
     assert losses[-1] < losses[0] * 0.5
     assert validate(model, data)["acc"] > 0.9
+
+
+def test_amp_cpu_switches_bf16_autocast_on_the_cpu_only():
+    assert not amp_enabled(TrainConfig(), CPU)  # the default: fp32 on the CPU, bf16 on CUDA
+    assert amp_enabled(TrainConfig(), torch.device("cuda"))
+    assert amp_enabled(TrainConfig(amp=False, amp_cpu=True), CPU)
+    assert not amp_enabled(TrainConfig(amp=True, amp_cpu=True), torch.device("meta"))
+    conv, x = nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    with autocast(CPU, True):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast(CPU, False):
+        assert conv(x).dtype == torch.float32
+
+
+def test_training_under_cpu_bf16_autocast_keeps_fp32_weights_and_learns():
+    set_seed(0)
+    model = nn.Linear(8, 4)
+    cfg = _cfg(amp_cpu=True)
+    opt = make_optimizer(model, cfg)
+    schedule = make_schedule(opt, cfg, steps_per_epoch=8)
+    data = _blobs()
+    crit = nn.CrossEntropyLoss()
+    amp = amp_enabled(cfg, CPU)
+    losses = [
+        train_one_epoch(model, data, opt, crit, schedule, device=CPU, amp=amp)["loss"]
+        for _ in range(5)
+    ]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0] * 0.5
+    x = torch.cat([b[0] for b in data])
+    fp32, bf16 = infer(model, x), infer(model, x, amp=True)
+    assert bf16.dtype == torch.float32  # logits come back as float either way
+    assert not torch.equal(fp32, bf16)  # ... but from bf16 matmuls
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+    assert validate(model, data, amp=True)["acc"] > 0.9
 
 
 def test_plateau_scheduler_cuts_lr_when_val_loss_stalls():

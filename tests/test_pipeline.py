@@ -30,6 +30,7 @@ def test_repro_writes_metrics_checkpoints_and_plots(repo):
     assert timing["train_seconds"] > 0 and timing["images_per_s"] > 0
     # The run names its machine (CPU model, threads, GPU): its wall time means nothing without.
     assert "torch threads" in timing["machine"] and "torch 2." in timing["machine"]
+    assert timing["autocast"] == "none"  # train.amp_cpu is off by default: fp32 on the CPU
     assert 0 <= train["val_acc"] <= 1 and train["best_epoch"] in (1, 2)
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert {"test_acc", "test_loss", "per_class_acc"} <= ev.keys()
