@@ -120,6 +120,23 @@ def test_training_under_cpu_bf16_autocast_keeps_fp32_weights_and_learns():
     assert validate(model, data, amp=True)["acc"] > 0.9
 
 
+def test_cpu_bf16_training_is_bit_reproducible():
+    def train():
+        set_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(4))
+        g = torch.Generator().manual_seed(1)
+        data = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
+        model(data[0][0])  # materialise the lazy layer
+        cfg = _cfg(amp_cpu=True)
+        opt = make_optimizer(model, cfg)
+        sched = make_schedule(opt, cfg, steps_per_epoch=1)
+        for _ in range(3):
+            train_one_epoch(model, data, opt, nn.CrossEntropyLoss(), sched, device=CPU, amp=True)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(train(), train())
+
+
 def test_plateau_scheduler_cuts_lr_when_val_loss_stalls():
     model = nn.Linear(2, 2)
     cfg = _cfg(scheduler="plateau", plateau_patience=1, plateau_factor=0.5)
