@@ -61,12 +61,14 @@ def test_row_names_the_recipe_keys_that_differ_from_the_defaults(tmp_path, monke
     (tmp_path / "metrics" / "train.json").write_text(json.dumps(train))
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.9}))
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps({"train_seconds": 60}))
+    timing = {"train_seconds": 60, "autocast": "bf16"}  # a run with train.amp_cpu on
+    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps(timing))
     monkeypatch.chdir(tmp_path)
     main([])
     line = capsys.readouterr().out.strip()
     recipe = (
         "sgd lr 1.3 wd 0.00153 momentum 0.85 wd on norm/bias norm lr x64 triangle warm-up 2 ep "
-        "bs 1024 ls 0.2 ema 0 lookahead 0.95 aug crop_altflip pad 2 reflect tta flip_translate"
+        "bs 1024 ls 0.2 ema 0 lookahead 0.95 aug crop_altflip pad 2 reflect tta flip_translate "
+        "bf16 autocast"
     )
     assert f"| {recipe} |" in line
