@@ -270,8 +270,11 @@ def amp_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def cpu_runs_bf16_natively() -> bool:
-    """AMX tiles or AVX512-BF16: the CPU instructions oneDNN's bf16 kernels need to beat fp32."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    """AMX tiles or AVX512-BF16: the CPU instructions oneDNN's bf16 kernels need to beat fp32.
+    (torch.cpu's private probes; a torch without them is taken to say yes.)"""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    found = [getattr(torch.cpu, name, None) for name in probes]
+    return any(f() for f in found if f is not None) or all(f is None for f in found)
 
 
 def autocast(device: torch.device, amp: bool):

@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from cvplay.engine import (
     accuracy_top1,
     amp_enabled,
     autocast,
+    cpu_runs_bf16_natively,
     fit,
     infer,
     make_optimizer,
@@ -118,6 +120,20 @@ def test_training_under_cpu_bf16_autocast_keeps_fp32_weights_and_learns():
     assert not torch.equal(fp32, bf16)  # ... but from bf16 matmuls
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
     assert validate(model, data, amp=True)["acc"] > 0.9
+
+
+def test_bf16_probe_agrees_with_the_cpu_flags():
+    # the train stage warns on train.amp_cpu where this says no
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = {
+        f
+        for line in cpuinfo.read_text().splitlines()
+        if line.startswith("flags")
+        for f in line.split(":", 1)[1].split()
+    }
+    assert cpu_runs_bf16_natively() == bool({"amx_tile", "avx512_bf16"} & flags)
 
 
 def test_cpu_bf16_training_is_bit_reproducible():
