@@ -126,7 +126,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (first epoch pays the compile time)
     amp: bool = True  # bf16 autocast on CUDA
     # bf16 autocast on the CPU (training and validation): 2-3x faster where the CPU runs
-    # bf16 natively (AMX, AVX512-BF16), about 10x slower where it does not (AVX2). Opt in:
+    # bf16 natively (AMX, AVX512-BF16), 10-14x slower where it does not (AVX2). Opt in:
     # the weights stay fp32 but the results differ from an fp32 run's.
     amp_cpu: bool = False
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (physical cores)

@@ -7,6 +7,7 @@ Losses and accuracies are averaged over samples, not over batch means.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
@@ -270,17 +271,16 @@ def amp_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def cpu_runs_bf16_natively() -> bool:
-    """AMX tiles or AVX512-BF16: the CPU instructions oneDNN's bf16 kernels need to beat fp32.
-    (torch.cpu's private probes; a torch without them is taken to say yes.)"""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    found = [getattr(torch.cpu, name, None) for name in probes]
-    return any(f() for f in found if f is not None) or all(f is None for f in found)
+    """AMX tiles or AVX512-BF16: the CPU instructions oneDNN's bf16 kernels need to beat fp32
+    (torch.cpu's probes, private in the pinned torch)."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on ``device`` (CUDA or the CPU) when ``amp``; a no-op otherwise."""
-    kind = device.type if device.type in ("cuda", "cpu") else "cpu"
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=amp and device.type == kind)
+    if device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
 def _epoch_stats(sums: torch.Tensor, seen: int) -> dict[str, float]:

@@ -96,3 +96,14 @@ def test_tta_bench_scores_the_checkpoints_own_val_split(prepared, tmp_path):
     assert float(rows[0][1]) == pytest.approx(expected, abs=5e-5)
     for _, val, test in rows:
         assert 0 <= float(val) <= 1 and 0 <= float(test) <= 1
+
+
+def test_bf16_isa_bench_prints_both_rates_and_their_ratio(prepared, capsys):
+    from bench.bf16_isa import main
+
+    main(["--data", str(prepared), "--models", "mlp"])
+    out = capsys.readouterr().out.splitlines()
+    assert "torch threads" in out[0] and "ATen CPU capability" in out[0]
+    name, fp32, bf16, ratio = (c.strip() for c in out[-1].strip("|").split("|"))
+    assert name == "mlp" and float(fp32) > 0 and float(bf16) > 0
+    assert float(ratio) == pytest.approx(float(bf16) / float(fp32), abs=0.02)

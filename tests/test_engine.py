@@ -123,13 +123,10 @@ def test_training_under_cpu_bf16_autocast_keeps_fp32_weights_and_learns():
 
 
 def test_bf16_probe_agrees_with_the_cpu_flags():
-    # the train stage warns on train.amp_cpu where this says no
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        pytest.skip("no /proc/cpuinfo to compare with")
+    # the train stage warns on train.amp_cpu where this says no (Linux: /proc/cpuinfo)
     flags = {
         f
-        for line in cpuinfo.read_text().splitlines()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
         if line.startswith("flags")
         for f in line.split(":", 1)[1].split()
     }
@@ -143,9 +140,8 @@ def test_cpu_bf16_training_is_bit_reproducible():
         g = torch.Generator().manual_seed(1)
         data = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g))]
         model(data[0][0])  # materialise the lazy layer
-        cfg = _cfg(amp_cpu=True)
-        opt = make_optimizer(model, cfg)
-        sched = make_schedule(opt, cfg, steps_per_epoch=1)
+        opt = make_optimizer(model, _cfg())
+        sched = make_schedule(opt, _cfg(), steps_per_epoch=1)
         for _ in range(3):
             train_one_epoch(model, data, opt, nn.CrossEntropyLoss(), sched, device=CPU, amp=True)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
