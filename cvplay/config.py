@@ -125,9 +125,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (first epoch pays the compile time)
     amp: bool = True  # bf16 autocast on CUDA
-    # bf16 autocast on the CPU (training and validation): 2-3x faster where the CPU runs
-    # bf16 natively (AMX, AVX512-BF16), 10-14x slower where it does not (AVX2). Opt in:
-    # the weights stay fp32 but the results differ from an fp32 run's.
+    # bf16 autocast on the CPU (training and validation): faster for the conv nets where the
+    # CPU runs bf16 natively (AMX, AVX512-BF16), far slower where it does not (AVX2); the
+    # measured figures are in params.yaml's comment and README. Opt in: the weights stay
+    # fp32 but the results differ from an fp32 run's.
     amp_cpu: bool = False
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (physical cores)
     # Deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic,
