@@ -9,18 +9,26 @@ Run it as is and under an ISA cap to see what bf16 costs on a CPU without native
 
 The windows are bench.throughput's (its ``compute_bound``), short, because bf16 on AVX2
 runs at tens of img/s.
+
+Models with attention (vit_tiny) get a second row with scaled_dot_product_attention forced
+onto its math kernel (``sdpa_kernel(SDPBackend.MATH)``) instead of PyTorch's choice (flash
+attention on the CPU): which kernel is faster differs between fp32 and bf16.
 """
 
 import argparse
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.throughput import compute_bound, recipe
 from cvplay.config import TrainConfig
 from cvplay.data import load_packed
 from cvplay.engine import machine, pick_device
+from cvplay.models import build_model
 from cvplay.train import configure_compute
 
 
@@ -28,6 +36,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minivgg,simpleresnet")
     parser.add_argument("--data", default="data", help="a prepared data/ directory")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="one batch size for all (default: recipes)"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per window")
     args = parser.parse_args(argv)
     device = pick_device()
     configure_compute(TrainConfig(), device)
@@ -35,10 +47,21 @@ def main(argv=None) -> None:
     print(f"{machine()}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("| model | fp32 img/s | bf16 img/s | bf16 / fp32 |\n|---|---|---|---|")
     for name in args.models.split(","):
-        cfg = replace(recipe(name, None), amp_cpu=False)
-        fp32 = compute_bound(name, packed, cfg, device, 1, 3, 0.0)
-        bf16 = compute_bound(name, packed, replace(cfg, amp_cpu=True), device, 1, 3, 0.0)
-        print(f"| {name} | {fp32:.0f} | {bf16:.0f} | {bf16 / fp32:.2f} |", flush=True)
+        cfg = replace(recipe(name, args.batch_size), amp_cpu=False)
+        bf16_cfg = replace(cfg, amp_cpu=True)
+        kernels = {"": nullcontext}
+        if has_attention(name):
+            kernels[", math attention"] = lambda: sdpa_kernel(SDPBackend.MATH)
+        for label, kernel in kernels.items():
+            with kernel():
+                fp32 = compute_bound(name, packed, cfg, device, 1, args.steps, 0.0)
+                bf16 = compute_bound(name, packed, bf16_cfg, device, 1, args.steps, 0.0)
+            print(f"| {name}{label} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f} |", flush=True)
+
+
+def has_attention(name: str) -> bool:
+    model = build_model(name, num_classes=10, model_args={"use_bn": True})
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import profile
 
 from bench.throughput import VARIANTS, recipe, table
 from cvplay.config import load_params, parse_params
@@ -107,3 +110,34 @@ def test_bf16_isa_bench_prints_both_rates_and_their_ratio(prepared, capsys):
     name, fp32, bf16, ratio = (c.strip() for c in out[-1].strip("|").split("|"))
     assert name == "mlp" and float(fp32) > 0 and float(bf16) > 0
     assert float(ratio) == pytest.approx(float(bf16) / float(fp32), abs=0.02)
+
+
+def test_bf16_isa_bench_adds_a_math_attention_row_for_the_vit(prepared, capsys):
+    from bench.bf16_isa import main
+
+    main(["--data", str(prepared), "--models", "vit_tiny,mlp", "--batch-size", "2", "--steps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    names = [row.strip("|").split("|")[0].strip() for row in rows[1:]]
+    assert names == ["vit_tiny", "vit_tiny, math attention", "mlp"]
+    for row in rows[1:]:
+        fp32, bf16, ratio = (float(c) for c in row.strip("|").split("|")[1:])
+        assert fp32 > 0 and bf16 > 0
+        # the rates are printed to 0.1 img/s, the ratio to 0.01 (of the unrounded rates)
+        low, high = (bf16 - 0.05) / (fp32 + 0.05), (bf16 + 0.05) / (fp32 - 0.05)
+        assert low - 0.005 <= ratio <= high + 0.005
+
+
+def test_math_attention_row_really_runs_the_math_kernel():
+    # what the bench's second vit_tiny row relies on: sdpa_kernel reaches the encoder's
+    # attention in training mode (flash attention is PyTorch's own choice on the CPU)
+    model = build_model("vit_tiny", num_classes=10, model_args={}).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def kernels(context) -> set[str]:
+        with context, profile() as prof:
+            model(x).sum().backward()
+        return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+    default, math = kernels(nullcontext()), kernels(sdpa_kernel(SDPBackend.MATH))
+    assert any("flash" in k for k in default), default
+    assert not any("flash" in k for k in math) and any("math" in k for k in math), math
