@@ -442,14 +442,19 @@ def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
     counted by PyTorch's FlopCounterMode on ``example`` (a small batch) in eval mode.
 
     On CPU the attention products inside scaled_dot_product_attention are not counted
-    (about 8% of vit_tiny's total); every other model here is fully counted.
+    (about 8% of vit_tiny's total); every other model here is fully counted. PyTorch's
+    fused nn.TransformerEncoderLayer fast path (eval mode, no grad, an even number of
+    heads) is a single op the counter does not see, so it is switched off while counting:
+    the count is the same whatever the number of heads.
     """
-    was_training = model.training
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         with counter, torch.no_grad():
             model(example)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return counter.get_total_flops() // len(example)

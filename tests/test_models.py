@@ -6,6 +6,7 @@ from cvplay.errors import CvplayError
 from cvplay.models import (
     MODEL_INPUTS,
     MODELS,
+    ViT,
     build_model,
     count_parameters,
     forward_flops,
@@ -98,6 +99,18 @@ def test_forward_flops_matches_the_hand_count_and_leaves_the_model_alone():
     expected = sum(2 * ci * co * 9 * s * s for ci, co, s in convs) + 2 * 512 * 16 * 10
     assert forward_flops(model, torch.randn(2, 3, 32, 32)) == expected
     assert model.training and torch.equal(bn.running_mean, stats)
+
+
+def test_forward_flops_counts_the_vit_encoder_whatever_its_number_of_heads():
+    # Even head counts send eval-mode nn.TransformerEncoderLayer down PyTorch's fused fast
+    # path, one op the counter cannot see (it counted only the patch embedding: 1.2 M).
+    example = torch.zeros(2, 3, 32, 32)
+    counts = {
+        heads: forward_flops(ViT(num_classes=10, patch=4, dim=192, depth=6, heads=heads), example)
+        for heads in (3, 6)
+    }
+    assert counts[3] == counts[6] > 200e6
+    assert torch.backends.mha.get_fastpath_enabled()  # left as it was
 
 
 def test_airbench_whitening_from_data_decorrelates_2x2_patches():
