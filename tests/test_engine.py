@@ -15,9 +15,11 @@ from cvplay.engine import (
     accuracy_top1,
     amp_enabled,
     autocast,
+    cpu_bf16_units,
     cpu_runs_bf16_natively,
     fit,
     infer,
+    machine,
     make_optimizer,
     make_schedule,
     save_checkpoint,
@@ -122,7 +124,7 @@ def test_training_under_cpu_bf16_autocast_keeps_fp32_weights_and_learns():
     assert validate(model, data, amp=True)["acc"] > 0.9
 
 
-def test_bf16_probe_agrees_with_the_cpu_flags():
+def test_bf16_probe_and_machine_agree_with_the_cpu_flags():
     # the train stage warns on train.amp_cpu where this says no (Linux: /proc/cpuinfo)
     flags = {
         f
@@ -131,6 +133,15 @@ def test_bf16_probe_agrees_with_the_cpu_flags():
         for f in line.split(":", 1)[1].split()
     }
     assert cpu_runs_bf16_natively() == bool({"amx_tile", "avx512_bf16"} & flags)
+    units = [
+        name
+        for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))
+        if flag in flags
+    ]
+    assert cpu_bf16_units() == units
+    # a run's timing log names them and the SIMD level, which the CPU model name does not
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"({capability}, bf16 units: {'+'.join(units) or 'none'})" in machine()
 
 
 def test_cpu_bf16_training_is_bit_reproducible():
