@@ -128,10 +128,14 @@ class ResidualBlock(nn.Module):
 
 
 class SimpleResNet(nn.Module):
-    """Stem conv, three residual stages (the 2nd and 3rd halve the size), global pool, FC."""
+    """Stem conv, three residual stages (the 2nd and 3rd halve the size), global pool, FC.
+
+    Widths 64/128/256 (2.78 M params, 842 forward MFLOPs): in 10 epochs they reached 0.8920
+    val accuracy where 32/64/128 (697 k, 211 MFLOPs) reached 0.8772. See bench/ACCURACY.md.
+    """
 
     def __init__(
-        self, *, num_classes: int, use_bn: bool = True, widths=(32, 64, 128), blocks: int = 2
+        self, *, num_classes: int, use_bn: bool = True, widths=(64, 128, 256), blocks: int = 2
     ):
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn_relu(3, widths[0], use_bn))
