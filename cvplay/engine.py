@@ -56,7 +56,7 @@ def machine() -> str:
     except OSError:
         pass
     # The model name alone does not tell an AVX2-only AMD EPYC from one with AVX-512 and
-    # bf16 units, whose training speed differs 2x in fp32 and far more in bf16.
+    # bf16 units, whose training speed differs 1.6x in fp32 and far more in bf16.
     bf16 = "+".join(cpu_bf16_units()) or "none"
     cpu = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}, bf16 units: {bf16})"
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

@@ -131,7 +131,8 @@ class SimpleResNet(nn.Module):
     """Stem conv, three residual stages (the 2nd and 3rd halve the size), global pool, FC.
 
     Widths 64/128/256 (2.78 M params, 842 forward MFLOPs): in 10 epochs they reached 0.8920
-    val accuracy where 32/64/128 (697 k, 211 MFLOPs) reached 0.8772. See bench/ACCURACY.md.
+    val accuracy (bf16) where 32/64/128 (697 k, 211 MFLOPs) reached 0.8772 (fp32; 0.8758 in
+    bf16). See bench/ACCURACY.md.
     """
 
     def __init__(
