@@ -153,7 +153,7 @@ def main(argv=None) -> int:
 
     failed: list[str] = []
     prepared = featured = False
-    # `timeout` and the device tool stop a run with SIGTERM: leave through the finally below
+    # `timeout` stops a run with SIGTERM: leave through the finally below all the same
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for model in models:
