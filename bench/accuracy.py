@@ -29,7 +29,7 @@ HEADER = (
 BEGIN, END = "<!-- rows -->", "<!-- /rows -->"
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
@@ -74,7 +74,7 @@ def row(command: str) -> tuple[str, str]:
         str(t.epochs),
         f"{train['params']:,}",
         f"{mflops:.1f}" if mflops is not None else "—",
-        _minutes(timing["train_seconds"]),
+        minutes(timing["train_seconds"]),
         recipe,
         datetime.date.today().isoformat(),
         f"`{command}`" if command else "—",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.accuracy import ACCURACY, row, upsert
+from bench.accuracy import ACCURACY, minutes, row, upsert
 from cvplay.config import PARAMS_FILE, ConfigError, parse_params
 from cvplay.models import MODEL_INPUTS
 
@@ -113,10 +113,6 @@ def stage_commands(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, list[str]]:
     return commands
 
 
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(TABLE_MODELS), help="comma-separated")
@@ -180,7 +176,7 @@ def main(argv=None) -> int:
                 continue
             model_name, line = row(command(runs[model]))
             print(line, flush=True)
-            print(f"{model}: {_minutes(time.perf_counter() - start)}", file=sys.stderr)
+            print(f"{model}: {minutes(time.perf_counter() - start)}", file=sys.stderr)
             if args.out:
                 with args.out.open("a") as f:
                     f.write(line + "\n")
