@@ -97,6 +97,12 @@ def upsert(text: str, model: str, line: str) -> str:
     return f"{head}{BEGIN}\n" + "\n".join(rows) + f"\n{END}{tail}"
 
 
+def store(model: str, line: str) -> None:
+    """Put ``line`` in ACCURACY.md as ``model``'s row."""
+    text = ACCURACY.read_text() if ACCURACY.exists() else ""
+    ACCURACY.write_text(upsert(text, model, line))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--command", default="", help="the command that produced the run")
@@ -108,8 +114,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: {exc.filename}: not found; run the pipeline first")
     print(line)
     if args.write:
-        text = ACCURACY.read_text() if ACCURACY.exists() else ""
-        ACCURACY.write_text(upsert(text, model, line))
+        store(model, line)
 
 
 if __name__ == "__main__":

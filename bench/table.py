@@ -17,6 +17,7 @@ fails is reported and the rest still run; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.accuracy import ACCURACY, minutes, row, upsert
+from bench.accuracy import ACCURACY, minutes, row, store
 from cvplay.config import PARAMS_FILE, ConfigError, parse_params
 from cvplay.models import MODEL_INPUTS
 
@@ -50,7 +51,7 @@ def parse_set(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.amp_cpu=true")
-    return key, yaml.safe_load(value) if value else None
+    return key, yaml.safe_load(value)
 
 
 def apply_set(raw: dict, key: str, value: object) -> None:
@@ -60,8 +61,6 @@ def apply_set(raw: dict, key: str, value: object) -> None:
     node = raw
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            break
     if not isinstance(node, dict) or last not in node:
         raise ConfigError(f"--set {key}: no such key in {PARAMS_FILE}")
     node[last] = value
@@ -87,7 +86,7 @@ def command(pairs: list[tuple[str, object]]) -> str:
 
 
 def resolved_params(base: dict, pairs: list[tuple[str, object]]) -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
+    raw = copy.deepcopy(base)
     for key, value in pairs:
         apply_set(raw, key, value)
     parse_params(raw)  # every override checked before anything runs
@@ -95,9 +94,12 @@ def resolved_params(base: dict, pairs: list[tuple[str, object]]) -> dict:
 
 
 def _run(cmd: list[str]) -> int:
-    """Run a step with its output on stderr: stdout carries the rows alone."""
+    """Run a step with its output on stderr (stdout carries the rows alone); say if it failed."""
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, stdout=sys.stderr).returncode
+    code = subprocess.run(cmd, stdout=sys.stderr).returncode
+    if code:
+        print(f"error: {shlex.join(cmd)} exited {code}", file=sys.stderr)
+    return code
 
 
 def stage_commands(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, list[str]]:
@@ -147,31 +149,25 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    failed: list[str] = []
-    prepared = featured = False
     # `timeout` stops a run with SIGTERM: leave through the finally below all the same
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    failed: list[str] = []
     try:
-        for model in models:
+        if args.runner == "stages":
+            # data.* and features.* are the same for every model: prepare (and the features
+            # the transfer models read) once, on the first model's params
+            params_path.write_text(yaml.safe_dump(resolved[models[0]], sort_keys=False))
+            once = ["prepare"] + ["features"] * any(MODEL_INPUTS[m] == "features" for m in models)
+            if not all(_run(stages[name]) == 0 for name in once):
+                failed = models
+        for model in [] if failed else models:
             start = time.perf_counter()
             if args.runner == "dvc":
-                steps = [("exp run", [sys.executable, "-m", "dvc", "exp", "run"])]
-                steps[0][1].extend(set_args(runs[model]))
+                steps = [[sys.executable, "-m", "dvc", "exp", "run", *set_args(runs[model])]]
             else:
                 params_path.write_text(yaml.safe_dump(resolved[model], sort_keys=False))
-                names = ["prepare"] if not prepared else []
-                if MODEL_INPUTS[model] == "features" and not featured:
-                    names.append("features")
-                steps = [(n, stages[n]) for n in [*names, "train", "evaluate"]]
-            code = 0
-            for name, step in steps:
-                code = _run(step)
-                if code:
-                    print(f"error: {model}: {shlex.join(step)} exited {code}", file=sys.stderr)
-                    break
-                prepared |= name == "prepare"
-                featured |= name == "features"
-            if code:
+                steps = [stages["train"], stages["evaluate"]]
+            if not all(_run(step) == 0 for step in steps):
                 failed.append(model)
                 continue
             model_name, line = row(command(runs[model]))
@@ -181,8 +177,7 @@ def main(argv=None) -> int:
                 with args.out.open("a") as f:
                     f.write(line + "\n")
             if args.write:
-                text = ACCURACY.read_text() if ACCURACY.exists() else ""
-                ACCURACY.write_text(upsert(text, model_name, line))
+                store(model_name, line)
     finally:
         if args.runner == "stages":
             params_path.write_text(original)

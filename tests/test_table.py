@@ -85,7 +85,9 @@ def test_a_failing_model_is_reported_and_params_are_put_back(project, tmp_path):
     proc = run([*TABLE, "--runner", "stages", "--models", "mlp", "--source",
                 str(tmp_path / "missing")], cwd=project, check=False)  # fmt: skip
     assert proc.returncode == 1
-    assert "error: mlp: " in proc.stderr and "stages.prepare exited" in proc.stderr
+    assert "error: data.source: " in proc.stderr  # the stage's own message, passed through
+    assert "stages.prepare exited 2" in proc.stderr
+    assert "stages.train" not in proc.stderr  # nothing trains on data that failed to prepare
     assert proc.stderr.strip().endswith("error: failed: mlp")
     assert proc.stdout == ""
     assert (project / "params.yaml").read_text() == before
