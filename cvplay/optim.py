@@ -130,6 +130,6 @@ class MuonAdamW(torch.optim.Optimizer):
             m, v = state["exp_avg"], state["exp_avg_sq"]
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)  # as torch.optim.AdamW
             p.mul_(1 - lr * wd)
             p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))

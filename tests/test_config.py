@@ -129,7 +129,7 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
         ),
         (
             lambda p: p["models"]["simplecnn"].update(optimizer=1),
-            "models.simplecnn.optimizer: expected str, got 1; choose one of: sgd, adamw",
+            "models.simplecnn.optimizer: expected str, got 1; choose one of: sgd, adamw, muon",
         ),
     ],
 )
