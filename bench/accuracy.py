@@ -62,6 +62,7 @@ def row(command: str) -> tuple[str, str]:
         + f" aug {t.augment}"
         + (f" pad {t.crop_padding}" if crop else "")
         + (f" {t.crop_pad_mode}" if crop and t.crop_pad_mode != "zeros" else "")
+        + (f" cutout {t.cutout}" if t.cutout else "")
         + (f" tta {tta}" if tta != "none" else "")
         # what the run did on its device (train.amp on CUDA, train.amp_cpu on the CPU)
         + (" bf16 autocast" if timing.get("autocast") == "bf16" else "")

@@ -117,6 +117,10 @@ class TrainConfig:
     # ... filled with "zeros" (RandomCrop's default) or "reflect" (the image mirrored at its
     # edge, as airbench and Page's ResNet-9 do).
     crop_pad_mode: str = "zeros"
+    # Cutout (DeVries & Taylor; Page's ResNet-9): the side in pixels of a square, placed at a
+    # random position wholly inside each training image, that is set to the dataset mean (0
+    # after normalisation), with any train.augment; 0 = off.
+    cutout: int = 0
     # "packed": uint8 tensors resident on the device, batch augmentation by indexing.
     # "folder": torchvision ImageFolder + per-sample transforms in DataLoader workers.
     loader: str = "packed"
@@ -329,6 +333,12 @@ def validate(params: Params) -> Params:
         1 <= t.crop_padding <= 16,
         "train.crop_padding",
         f"must be between 1 and 16 (pixels), got {t.crop_padding}",
+    )
+    _check(
+        0 <= t.cutout < d.image_size,
+        "train.cutout",
+        f"must be between 0 (off) and data.image_size - 1 = {d.image_size - 1} (pixels),"
+        f" got {t.cutout}",
     )
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     _check(t.norm_lr_scale > 0, "train.norm_lr_scale", f"must be > 0, got {t.norm_lr_scale}")

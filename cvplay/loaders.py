@@ -43,20 +43,40 @@ ALTFLIP_SEED_OFFSET = 1
 PAD_MODES = {"zeros": "constant", "reflect": "reflect"}  # -> torch/torchvision padding mode
 
 
+class Cutout(nn.Module):
+    """Cutout for the folder loader's per-sample transforms: a ``side`` x ``side`` square at
+    a uniform position wholly inside the normalised C x H x W image set to 0 (the dataset
+    mean). Positions come from torch's global RNG, which DataLoader seeds per worker."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        top = int(torch.randint(0, h - self.side + 1, ()))
+        left = int(torch.randint(0, w - self.side + 1, ()))
+        x = x.clone()
+        x[..., top : top + self.side, left : left + self.side] = 0.0
+        return x
+
+
 def train_transform(
-    augment: str = "crop_flip", pad: int = PAD, pad_mode: str = "zeros"
+    augment: str = "crop_flip", pad: int = PAD, pad_mode: str = "zeros", cutout: int = 0
 ) -> transforms.Compose:
     """``augment``: "crop_flip" (RandomCrop(32, padding=pad) + flip), "flip" or "none";
-    ``pad_mode``: a key of ``PAD_MODES``. (The per-sample transforms know no epoch, so they
-    have no "crop_altflip"; config validation keeps it to the packed loader.)"""
+    ``pad_mode``: a key of ``PAD_MODES``; ``cutout``: the side of Cutout's square (0 = off).
+    (The per-sample transforms know no epoch, so they have no "crop_altflip"; config
+    validation keeps it to the packed loader.)"""
     steps = []
     if augment == "crop_flip":
         steps.append(transforms.RandomCrop(32, padding=pad, padding_mode=PAD_MODES[pad_mode]))
     if augment in ("crop_flip", "flip"):
         steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(
-        [*steps, transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    )
+    steps += [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    if cutout:
+        steps.append(Cutout(cutout))
+    return transforms.Compose(steps)
 
 
 def eval_transform() -> transforms.Compose:
@@ -132,18 +152,40 @@ def augment_params(
     return offsets, torch.zeros(n, dtype=torch.bool, device=dev)
 
 
+def cutout_mask(n: int, size: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    """Cutout's squares for a batch of n size x size images: bool n x 1 x size x size, True
+    inside a side x side square at a uniform position wholly inside each image."""
+    dev = generator.device
+    corners = torch.randint(0, size - side + 1, (2, n, 1), device=dev, generator=generator)
+    ar = torch.arange(size, device=dev)
+    rows = (ar >= corners[0]) & (ar < corners[0] + side)  # n x size
+    cols = (ar >= corners[1]) & (ar < corners[1] + side)
+    return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
 def augmented_samples(
-    images: torch.Tensor, augment: str, seed: int, pad: int = PAD, pad_mode: str = "zeros"
+    images: torch.Tensor,
+    augment: str,
+    seed: int,
+    pad: int = PAD,
+    pad_mode: str = "zeros",
+    cutout: int = 0,
 ) -> torch.Tensor:
     """``images`` (uint8 N x 3 x H x W) augmented as ``PackedLoader`` does for training,
     from a generator of their own (the training run's RNGs are not touched). An image's
     alternating flip (crop_altflip) is a seeded coin in its first epoch, so it is drawn as
-    crop_flip's is."""
+    crop_flip's is. Cutout's squares show the dataset mean, the colour 0 is after
+    normalisation."""
     crop, flips = augment in CROP_AUGMENTS, augment in (*CROP_AUGMENTS, "flip")
     generator = torch.Generator().manual_seed(seed)
     offsets, flip = augment_params(len(images), crop, flips, generator, pad)
     pixels = pack_pixels(images, pad if crop else 0, pad_mode)
-    return crop_flip(pixels, torch.arange(len(images)), offsets, flip, images.shape[-1])
+    size = images.shape[-1]
+    out = crop_flip(pixels, torch.arange(len(images)), offsets, flip, size)
+    if cutout:
+        mean = torch.tensor(CIFAR10_MEAN).mul(255).round().to(torch.uint8).view(3, 1, 1)
+        out = torch.where(cutout_mask(len(images), size, cutout, generator), mean, out)
+    return out
 
 
 class PackedLoader(DeviceBatches):
@@ -170,6 +212,7 @@ class PackedLoader(DeviceBatches):
         augment: str = "crop_flip",
         crop_padding: int = PAD,
         crop_pad_mode: str = "zeros",
+        cutout: int = 0,
     ):
         super().__init__(
             packed.labels,
@@ -194,6 +237,7 @@ class PackedLoader(DeviceBatches):
         pad = self.pad if self.crop else 0
         self.pixels = pack_pixels(packed.images, pad, crop_pad_mode).to(device)
         self.size = packed.images.shape[-1]
+        self.cutout = cutout if train else 0
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.normalize = Normalize(device, fmt)
 
@@ -202,11 +246,17 @@ class PackedLoader(DeviceBatches):
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offsets, flip = augment_params(len(idx), self.crop, self.flip, self.generator, self.pad)
+        # Drawn after the crops (with cutout off the RNG stream is what it was without it).
+        mask = None
+        if self.cutout:
+            mask = self.shard(cutout_mask(len(idx), self.size, self.cutout, self.generator))
         if self.first_flip is not None:  # the first flip in odd epochs, the other in even
             flip = self.first_flip[idx] != (self.epoch % 2 == 0)
         idx, offsets, flip = self.shard(idx), self.shard(offsets, 1), self.shard(flip)
-        x = crop_flip(self.pixels, idx, offsets, flip, self.size)
-        return self.normalize(x), self.labels[idx]
+        x = self.normalize(crop_flip(self.pixels, idx, offsets, flip, self.size))
+        if mask is not None:  # 0 after normalisation: the dataset mean
+            x.masked_fill_(mask, 0.0)
+        return x, self.labels[idx]
 
 
 class DeviceLoader:
@@ -246,8 +296,9 @@ def folder_loader(
     augment: str = "crop_flip",
     crop_padding: int = PAD,
     crop_pad_mode: str = "zeros",
+    cutout: int = 0,
 ) -> DeviceLoader:
-    augmentation = train_transform(augment, crop_padding, crop_pad_mode)
+    augmentation = train_transform(augment, crop_padding, crop_pad_mode, cutout)
     transform = augmentation if train else eval_transform()
     dataset = _image_folder(root, transform)
     subset = Subset(dataset, indices.tolist()) if indices is not None else dataset

@@ -48,7 +48,12 @@ def make_loaders(
         "rank": ddp.rank,
         "world": ddp.world,
     }
-    aug = {"augment": t.augment, "crop_padding": t.crop_padding, "crop_pad_mode": t.crop_pad_mode}
+    aug = {
+        "augment": t.augment,
+        "crop_padding": t.crop_padding,
+        "crop_pad_mode": t.crop_pad_mode,
+        "cutout": t.cutout,
+    }
     if MODEL_INPUTS[params.model] == "features":
         train = FeatureLoader(paths.FEATURES_TRAIN, train_idx, train=True, **common)
         val = FeatureLoader(paths.FEATURES_TRAIN, val_idx, train=False, **common)
@@ -259,12 +264,14 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
     shown = seeded_draw(train_idx, 32, params.seed)  # 32 training images
     augment = params.train.augment if images else "none"
     pad, pad_mode = params.train.crop_padding, params.train.crop_pad_mode
+    cutout = params.train.cutout if images else 0
     plot_image_grid(
-        augmented_samples(packed.images[shown], augment, params.seed, pad, pad_mode),
+        augmented_samples(packed.images[shown], augment, params.seed, pad, pad_mode, cutout),
         [classes[i] for i in packed.labels[shown].tolist()],
         paths.AUGMENTED_PNG,
         title=f"training samples as {params.model} sees them (augment: {augment}"
         + (f", padding {pad} {pad_mode}" if augment in CROP_AUGMENTS else "")
+        + (f", cutout {cutout}" if cutout else "")
         + "; "
         "before normalisation)",
     )

@@ -97,6 +97,14 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
             lambda p: p["models"]["simplecnn"].update(crop_padding=0),
             "train.crop_padding: must be between 1 and 16 (pixels), got 0",
         ),
+        (
+            lambda p: p["train"].update(cutout=32),
+            "train.cutout: must be between 0 (off) and data.image_size - 1 = 31 (pixels), got 32",
+        ),
+        (
+            lambda p: p["models"]["simplecnn"].update(cutout=-1),
+            "train.cutout: must be between 0 (off) and data.image_size - 1 = 31 (pixels), got -1",
+        ),
         (lambda p: p["models"]["simplecnn"].update(lrr=1), "models.simplecnn.lrr: unknown key"),
         (
             lambda p: p["models"]["simplecnn"].update(lr="fast"),

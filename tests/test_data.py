@@ -290,16 +290,14 @@ def test_packed_padding_is_torchvisions_randomcrop_padding(mode):
         assert torch.equal(ours[:, :, 0, 3:-3], x[:, :, 3])
 
 
-def test_sharded_batches_add_up_to_the_global_batch(prepared):
+@pytest.mark.parametrize("cutout", [0, 6])
+def test_sharded_batches_add_up_to_the_global_batch(prepared, cutout):
     # Two ranks with the same seed see the two halves of what one process sees.
     packed = load_packed(prepared / "packed" / "train.pt")
     idx = torch.arange(len(packed.labels))
-    cpu = torch.device("cpu")
-    whole = PackedLoader(packed, idx, batch_size=16, device=cpu, train=True, seed=7)
-    halves = [
-        PackedLoader(packed, idx, batch_size=16, device=cpu, train=True, seed=7, rank=r, world=2)
-        for r in (0, 1)
-    ]
+    kw = dict(batch_size=16, device=torch.device("cpu"), train=True, seed=7, cutout=cutout)
+    whole = PackedLoader(packed, idx, **kw)
+    halves = [PackedLoader(packed, idx, rank=r, world=2, **kw) for r in (0, 1)]
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves, strict=True):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
 
@@ -419,3 +417,77 @@ def test_alternating_flip_shows_each_image_mirrored_in_every_other_epoch():
     ((xa, ya),), ((xr, yr),) = list(alt), list(rnd)
     assert torch.equal(ya, yr)
     assert all(torch.equal(p, q) or torch.equal(p, q.flip(2)) for p, q in zip(xa, xr, strict=True))
+
+
+def _square(zero: torch.Tensor) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the rectangle that holds all True pixels of ``zero``."""
+    rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+    top, left = int(rows.min()), int(cols.min())
+    return top, left, int(rows.max()) - top + 1, int(cols.max()) - left + 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cutout_sets_one_square_per_image_to_the_mean(channels_last):
+    g = torch.Generator().manual_seed(0)  # noise: no uint8 pixel normalises to exactly 0
+    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=g)
+    packed = Packed(images, torch.arange(40) % 4, list("abcd"))
+    idx = torch.arange(40)
+    cpu = torch.device("cpu")
+    plain = PackedLoader(packed, idx, batch_size=40, device=cpu, train=False, seed=0)
+    ((reference, _),) = list(plain)
+    assert not (reference == 0).any()
+    kw = dict(batch_size=40, device=cpu, seed=3, augment="none", channels_last=channels_last)
+    ((x, y),) = list(PackedLoader(packed, idx, train=True, cutout=5, **kw))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert x.is_contiguous(memory_format=fmt)
+    corners = set()
+    for img, label in zip(x, y, strict=True):
+        zero = (img == 0).all(0)
+        assert int(zero.sum()) == 25 and (img == 0).any(0).equal(zero)  # all channels
+        top, left, h, w = _square(zero)
+        assert (h, w) == (5, 5) and 0 <= top <= 7 and 0 <= left <= 7  # wholly inside
+        corners.add((top, left))
+        # the rest of the image is one of the originals, untouched
+        keep = ~zero
+        match = (reference[:, :, keep] == img[:, keep]).flatten(1).all(1)
+        assert int(match.sum()) == 1 and packed.labels[match].item() == label
+    assert len(corners) > 10  # a place per image, not one for all
+    # seeded, and for training only: a val loader ignores it
+    ((x2, _),) = list(PackedLoader(packed, idx, train=True, cutout=5, **kw))
+    assert torch.equal(x, x2)
+    ((x3, _),) = list(PackedLoader(packed, idx, train=False, cutout=5, **kw))
+    assert torch.equal(x3, reference)
+
+
+def test_cutout_leaves_the_crops_and_flips_as_they_were(prepared):
+    # A batch's squares are drawn after its crops and flips: with cutout the same seed gives
+    # the batch the same crops and flips as without it (later batches' draws move on).
+    packed = load_packed(prepared / "packed" / "train.pt")
+    idx = torch.arange(len(packed.labels))
+    n = len(idx)  # one batch
+    kw = dict(batch_size=n, device=torch.device("cpu"), train=True, seed=4, crop_padding=3)
+    without = list(PackedLoader(packed, idx, **kw))
+    masked = 0
+    for (a, ya), (b, yb) in zip(without, PackedLoader(packed, idx, cutout=8, **kw), strict=True):
+        assert torch.equal(ya, yb)
+        zero = (b == 0).all(1, keepdim=True)
+        assert torch.equal(b, a.masked_fill(zero, 0.0))
+        masked += int(zero.sum())
+    assert len(without) == 1 and masked == n * 64  # an 8 x 8 square in every image
+
+
+def test_folder_cutout_transform_sets_one_square_to_the_mean():
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=g).numpy()
+    image = Image.fromarray(pixels)
+    reference = eval_transform()(image)
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(20):
+        out = train_transform("none", cutout=4)(image)
+        zero = (out == 0).all(0)
+        assert int(zero.sum()) == 16 and _square(zero)[2:] == (4, 4)
+        assert torch.equal(out[:, ~zero], reference[:, ~zero])
+        corners.add(_square(zero)[:2])
+    assert len(corners) > 5
+    assert torch.equal(train_transform("none")(image), reference)  # 0 = off

@@ -45,6 +45,20 @@ def test_augment_none_shows_the_images_as_they_are():
         assert torch.equal(aug, img) or torch.equal(aug, img.flip(2))
 
 
+def test_augmented_samples_show_cutout_squares_in_the_mean_colour():
+    from cvplay.data import CIFAR10_MEAN
+
+    images = _images()
+    plain = augmented_samples(images, "crop_flip", seed=2)
+    out = augmented_samples(images, "crop_flip", seed=2, cutout=8)
+    mean = torch.tensor(CIFAR10_MEAN).mul(255).round().to(torch.uint8)
+    differ = (out != plain).any(1)  # where the square changed a pixel
+    for img, square in zip(out, (out == mean.view(3, 1, 1)).all(1), strict=True):
+        assert int(square.sum()) >= 64  # the 8 x 8 square (noise may match the mean by chance)
+        assert torch.equal(img[:, square].T, mean.expand(int(square.sum()), 3))
+    assert not differ[~(out == mean.view(3, 1, 1)).all(1)].any()  # the rest is untouched
+
+
 def test_plot_mistakes_shows_the_most_confident_wrong_predictions(tmp_path):
     labels = torch.tensor([0, 1, 2, 0, 1])
     logits = torch.tensor(
