@@ -54,7 +54,7 @@ def test_row_reads_the_runs_metrics_and_resolved_recipe(tmp_path, monkeypatch, c
 def test_row_names_the_recipe_keys_that_differ_from_the_defaults(tmp_path, monkeypatch, capsys):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"] = "airbench"
-    raw["models"]["airbench"].update(lookahead=0.95, augment="crop_altflip")
+    raw["models"]["airbench"].update(lookahead=0.95, augment="crop_altflip", cutout=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "metrics").mkdir()
     train = {"val_acc": 0.9, "params": 1972792, "forward_mflops": 236.3, "epochs": 10}
@@ -68,7 +68,8 @@ def test_row_names_the_recipe_keys_that_differ_from_the_defaults(tmp_path, monke
     line = capsys.readouterr().out.strip()
     recipe = (
         "sgd lr 1.3 wd 0.00153 momentum 0.85 wd on norm/bias norm lr x64 triangle warm-up 2 ep "
-        "bs 1024 ls 0.2 ema 0 lookahead 0.95 aug crop_altflip pad 2 reflect tta flip_translate "
+        "bs 1024 ls 0.2 ema 0 lookahead 0.95 aug crop_altflip pad 2 reflect cutout 8 "
+        "tta flip_translate "
         "bf16 autocast"
     )
     assert f"| {recipe} |" in line
