@@ -226,12 +226,17 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
         )
         recipe = ", ".join(f"{k}={v}" for k, v in asdict(params.train).items())
         print(f"train: {recipe}", file=sys.stderr)
-        if device.type == "cpu" and params.train.amp_cpu and not cpu_runs_bf16_natively():
-            print(
-                "warning: train.amp_cpu is on but this CPU has neither AMX nor AVX512-BF16, "
-                "so bf16 runs slower than fp32 here; set train.amp_cpu: false",
-                file=sys.stderr,
-            )
+        t = params.train
+        bf16_keys = [
+            k for k, on in (("amp_cpu", t.amp_cpu), ("muon_bf16_cpu", t.muon_bf16_cpu)) if on
+        ]
+        if device.type == "cpu" and bf16_keys and not cpu_runs_bf16_natively():
+            for key in bf16_keys:
+                print(
+                    f"warning: train.{key} is on but this CPU has neither AMX nor AVX512-BF16, "
+                    f"so bf16 runs slower than fp32 here; set train.{key}: false",
+                    file=sys.stderr,
+                )
     meta = {"config": params.to_dict(), "classes": classes}
     data_files = (
         [paths.FEATURES_TRAIN, paths.FEATURES_LAYER4]
