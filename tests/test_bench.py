@@ -112,6 +112,29 @@ def test_bf16_isa_bench_prints_both_rates_and_their_ratio(prepared, capsys):
     assert float(ratio) == pytest.approx(float(bf16) / float(fp32), abs=0.02)
 
 
+def test_muon_bf16_bench_times_the_iterations_and_the_training_step_both_ways(prepared, capsys):
+    from bench.muon_bf16 import main
+    from cvplay.optim import muon_params
+
+    main(
+        ["--data", str(prepared), "--models", "simplecnn,mlp", "--batch-size", "4", "--steps", "1"]
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert "torch threads" in out[0]
+    rows = [line.strip("|").split("|") for line in out if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["simplecnn", "mlp"]  # mlp's recipe is sgd: run as muon
+    for name, batch, n, fp32_ms, bf16_ms, fp32, bf16, ratio in rows:
+        model = build_model(name.strip(), num_classes=10, model_args={"use_bn": True})
+        assert int(n) == len(muon_params(model)) > 0 and int(batch) == 4
+        assert float(fp32_ms) >= 0 and float(bf16_ms) >= 0
+        assert float(fp32) > 0 and float(bf16) > 0
+        low, high = (
+            (float(bf16) - 0.05) / (float(fp32) + 0.05),
+            (float(bf16) + 0.05) / (float(fp32) - 0.05),
+        )
+        assert low - 0.005 <= float(ratio) <= high + 0.005
+
+
 def test_bf16_isa_bench_adds_a_math_attention_row_for_the_vit(prepared, capsys):
     from bench.bf16_isa import main
 

@@ -16,11 +16,14 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("bf16", [None, True])  # None: fp32 on the CPU
 @pytest.mark.parametrize("shape", [(50, 200), (200, 50), (32, 128)])
-def test_newton_schulz_pushes_every_singular_value_toward_one(shape):
+def test_newton_schulz_pushes_every_singular_value_toward_one(shape, bf16):
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     g[:, 0] *= 100  # badly conditioned: one direction dominates the raw gradient
-    s = torch.linalg.svdvals(newton_schulz(g))
+    out = newton_schulz(g, bf16=bf16)
+    assert out.dtype == torch.float32  # back in the gradient's dtype either way
+    s = torch.linalg.svdvals(out)
     assert s.min() > 0.6 and s.max() < 1.25
     assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 50
 
@@ -42,6 +45,46 @@ def test_muon_step_on_a_matrix_matches_torch_muon():
     moved, moved_ref = w.detach() - start, w_ref.detach() - start
     assert moved.norm() > 0.05
     assert (moved - moved_ref).norm() < 0.01 * moved_ref.norm()
+
+
+def test_bf16_cpu_orthogonalizes_in_bf16_and_stays_close_to_torch_muon():
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32)
+    ws = {bf16: nn.Parameter(w0.clone()) for bf16 in (False, True)}
+    w_ref = nn.Parameter(w0.clone())
+    opts = {
+        bf16: MuonAdamW(
+            [{"params": [w], "use_muon": True, "weight_decay": 0.1}], lr=0.01, bf16_cpu=bf16
+        )
+        for bf16, w in ws.items()
+    }
+    ref = torch.optim.Muon([w_ref], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    g = torch.randn(64, 32)
+    for w in (*ws.values(), w_ref):
+        w.grad = g.clone()
+    for opt in (*opts.values(), ref):
+        opt.step()
+    nesterov = g.lerp(torch.zeros_like(g).lerp(g, 0.05), 0.95)  # first step, momentum 0.95
+    by_hand = (w0 * (1 - 0.01 * 0.1)).add(newton_schulz(nesterov, bf16=True), alpha=-0.016)
+    torch.testing.assert_close(ws[True].detach(), by_hand, rtol=0, atol=1e-7)
+    assert not torch.equal(ws[True].detach(), ws[False].detach())
+    moved, moved_ref = ws[True].detach() - w0, w_ref.detach() - w0
+    assert (moved - moved_ref).norm() < 0.05 * moved_ref.norm()
+
+
+def test_train_muon_bf16_cpu_reaches_the_optimizer():
+    set_seed(0)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    after = {}
+    for flag in (False, True):
+        set_seed(0)
+        model = build_model("simplecnn", num_classes=10, model_args={})
+        opt = make_optimizer(model, _cfg(muon_bf16_cpu=flag))
+        assert opt.bf16_cpu is flag
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        after[flag] = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after[False], after[True], strict=True))
 
 
 def test_muon_conv_filters_step_as_their_flattened_matrix():
