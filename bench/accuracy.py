@@ -66,6 +66,7 @@ def row(command: str) -> tuple[str, str]:
         + (f" tta {tta}" if tta != "none" else "")
         # what the run did on its device (train.amp on CUDA, train.amp_cpu on the CPU)
         + (" bf16 autocast" if timing.get("autocast") == "bf16" else "")
+        + (" muon NS bf16" if timing.get("newton_schulz") == "bf16" else "")
     )
     mflops = train.get("forward_mflops")
     cells = [

@@ -60,6 +60,12 @@ def muon_params(model: nn.Module) -> set[int]:
     return {id(p) for p in ordered[1:-1]}
 
 
+def newton_schulz_in_bf16(device: torch.device, bf16_cpu: bool) -> bool:
+    """Whether Muon orthogonalizes in bf16 on ``device``: always on CUDA, on the CPU with
+    ``bf16_cpu`` (``train.muon_bf16_cpu``), never elsewhere."""
+    return device.type == "cuda" or (bf16_cpu and device.type == "cpu")
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups with ``use_muon=True`` take Muon steps, the others AdamW steps (betas,
     eps as torch.optim.AdamW's defaults). ``lr`` and ``weight_decay`` (decoupled: each step
@@ -118,7 +124,7 @@ class MuonAdamW(torch.optim.Optimizer):
             update = p.grad.lerp(buf, momentum)  # Nesterov
             rows = p.size(0)
             cols = p[0].numel()
-            bf16 = p.is_cuda or (self.bf16_cpu and p.device.type == "cpu")
+            bf16 = newton_schulz_in_bf16(p.device, self.bf16_cpu)
             ortho = newton_schulz(update.reshape(rows, cols), bf16=bf16).view_as(p)
             p.mul_(1 - lr * wd)
             p.add_(ortho, alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))

@@ -30,6 +30,7 @@ from cvplay.errors import CvplayError
 from cvplay.io import write_json
 from cvplay.loaders import PackedLoader, augmented_samples, folder_loader
 from cvplay.models import MODEL_INPUTS, build_model, count_parameters, forward_flops
+from cvplay.optim import newton_schulz_in_bf16
 from cvplay.plots import plot_history, plot_image_grid, write_history
 from cvplay.resume import ResumeStore, run_key
 from cvplay.transfer import FeatureLoader, transfer_optimizer
@@ -295,6 +296,10 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             **({"forward_mflops": round(flops / 1e6, 2)} if flops is not None else {}),
         },
     )
+    newton_schulz = "none"  # Muon's orthogonalization precision (train.muon_bf16_cpu)
+    if params.train.optimizer == "muon":
+        bf16 = newton_schulz_in_bf16(device, params.train.muon_bf16_cpu)
+        newton_schulz = "bf16" if bf16 else "fp32"
     write_json(
         paths.TIMING_TRAIN,
         {
@@ -303,6 +308,7 @@ def _run_train(params: Params, ddp: Dist) -> FitResult | None:
             "images_per_s": round(n_train * params.train.epochs / result.train_seconds, 1),
             "device": device.type,
             "autocast": "bf16" if amp_enabled(params.train, device) else "none",
+            "newton_schulz": newton_schulz,
             "processes": ddp.world,
             "machine": machine(),
         },

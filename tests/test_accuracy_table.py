@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from bench.accuracy import BEGIN, END, main, upsert
@@ -73,3 +74,29 @@ def test_row_names_the_recipe_keys_that_differ_from_the_defaults(tmp_path, monke
         "bf16 autocast"
     )
     assert f"| {recipe} |" in line
+
+
+@pytest.mark.parametrize("newton_schulz", ["fp32", "bf16"])
+def test_row_names_muons_bf16_newton_schulz_only_when_the_run_used_it(
+    newton_schulz, tmp_path, monkeypatch, capsys
+):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"] = "resnet9"  # its recipe is Muon's
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "metrics").mkdir()
+    train = {"val_acc": 0.92, "params": 6573120, "forward_mflops": 758.5, "epochs": 10}
+    (tmp_path / "metrics" / "train.json").write_text(json.dumps(train))
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.91}))
+    (tmp_path / "logs").mkdir()
+    timing = {"train_seconds": 60, "autocast": "bf16", "newton_schulz": newton_schulz}
+    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps(timing))
+    monkeypatch.chdir(tmp_path)
+    main([])
+    recipe = capsys.readouterr().out.strip().split(" | ")[7]
+    assert recipe.startswith("muon lr 0.004 wd 0.05 onecycle")
+    suffix = (
+        "bf16 autocast muon NS bf16"
+        if newton_schulz == "bf16"
+        else "tta flip_translate bf16 autocast"
+    )
+    assert recipe.endswith(suffix)

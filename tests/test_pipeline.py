@@ -31,6 +31,7 @@ def test_repro_writes_metrics_checkpoints_and_plots(repo):
     # The run names its machine (CPU model, threads, GPU): its wall time means nothing without.
     assert "torch threads" in timing["machine"] and "torch 2." in timing["machine"]
     assert timing["autocast"] == "none"  # train.amp_cpu is off by default: fp32 on the CPU
+    assert timing["newton_schulz"] == "fp32"  # simplecnn's Muon; train.muon_bf16_cpu off
     assert 0 <= train["val_acc"] <= 1 and train["best_epoch"] in (1, 2)
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert {"test_acc", "test_loss", "per_class_acc"} <= ev.keys()
