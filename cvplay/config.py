@@ -135,7 +135,7 @@ class TrainConfig:
     # fp32 but the results differ from an fp32 run's.
     amp_cpu: bool = False
     # optimizer muon: its Newton-Schulz iterations in bf16 on the CPU too (always on CUDA, as
-    # the reference): 2.8x faster where the CPU has AMX, far slower where it runs bf16 in
+    # the reference): 2-3x faster where the CPU has AMX, far slower where it runs bf16 in
     # software (AVX2). Opt in: the results differ from fp32 iterations'.
     muon_bf16_cpu: bool = False
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (physical cores)

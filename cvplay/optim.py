@@ -71,8 +71,8 @@ class MuonAdamW(torch.optim.Optimizer):
     eps as torch.optim.AdamW's defaults). ``lr`` and ``weight_decay`` (decoupled: each step
     multiplies the weights by 1 - lr x weight_decay) are per group, so schedulers that scale
     ``lr`` (and OneCycleLR's cycling of ``betas``) work as with AdamW. ``bf16_cpu``: the
-    Newton-Schulz iterations of CPU parameters in bf16 too (CUDA ones always are): 2.8x
-    faster on a CPU with AMX (bench/RESULTS.md), a different rounding from fp32's."""
+    Newton-Schulz iterations of CPU parameters in bf16 too (CUDA ones always are): 2-3x
+    faster on a CPU with AMX (``python -m bench.muon_bf16``), a different rounding from fp32's."""
 
     def __init__(
         self,
