@@ -31,9 +31,12 @@ from cvplay.models import build_model
 from cvplay.train import configure_compute
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="minivgg,simpleresnet")
+def setup(doc: str, models: str, argv=None):
+    """The command line shared by the compute-bound benches (--models, --data, --batch-size,
+    --steps): the parsed args, the device and the prepared training images; prints the
+    machine (the ATen CPU capability and bf16 units)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", default=models)
     parser.add_argument("--data", default="data", help="a prepared data/ directory")
     parser.add_argument(
         "--batch-size", type=int, default=None, help="one batch size for all (default: recipes)"
@@ -43,7 +46,12 @@ def main(argv=None) -> None:
     device = pick_device()
     configure_compute(TrainConfig(), device)
     packed = load_packed(Path(args.data) / "packed" / "train.pt")
-    print(machine())  # names the ATen CPU capability and bf16 units
+    print(machine())
+    return args, device, packed
+
+
+def main(argv=None) -> None:
+    args, device, packed = setup(__doc__, "minivgg,simpleresnet", argv)
     print("| model | fp32 img/s | bf16 img/s | bf16 / fp32 |\n|---|---|---|---|")
     for name in args.models.split(","):
         cfg = replace(recipe(name, args.batch_size), amp_cpu=False)

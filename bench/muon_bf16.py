@@ -9,20 +9,15 @@ their shapes, ms), and the compute-bound training img/s under bf16 autocast
 ``compute_bound``: one pre-made batch, the whole step: forward, backward, optimizer).
 """
 
-import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from bench.bf16_isa import setup
 from bench.throughput import compute_bound, recipe
-from cvplay.config import TrainConfig
-from cvplay.data import load_packed
-from cvplay.engine import machine, pick_device
 from cvplay.models import build_model
 from cvplay.optim import muon_params, newton_schulz
-from cvplay.train import configure_compute
 
 
 def newton_schulz_ms(name: str, bf16: bool, repeats: int) -> tuple[int, float]:
@@ -45,18 +40,7 @@ def newton_schulz_ms(name: str, bf16: bool, repeats: int) -> tuple[int, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="simpleresnet,resnet9,preactresnet18")
-    parser.add_argument("--data", default="data", help="a prepared data/ directory")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="one batch size for all (default: recipes)"
-    )
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per window")
-    args = parser.parse_args(argv)
-    device = pick_device()
-    configure_compute(TrainConfig(), device)
-    packed = load_packed(Path(args.data) / "packed" / "train.pt")
-    print(machine())
+    args, device, packed = setup(__doc__, "simpleresnet,resnet9,preactresnet18", argv)
     print(
         "| model | batch | Muon matrices | NS fp32 ms/step | NS bf16 ms/step | "
         "fp32 NS img/s | bf16 NS img/s | bf16 / fp32 |\n|---|---|---|---|---|---|---|---|"

@@ -28,13 +28,12 @@ NS_STEPS = 5
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients from Keller Jordan's Muon
 
 
-def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, bf16: bool | None = None) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, bf16: bool = False) -> torch.Tensor:
     """An approximation of U V^T for g = U S V^T (g 2-d): the singular values are pushed
-    toward 1 (into roughly [0.7, 1.2]). ``bf16=None``: bf16 on CUDA, as the reference does,
-    fp32 elsewhere (a CPU without native bf16 runs bf16 matmuls 10x slower); True or False
-    forces it."""
+    toward 1 (into roughly [0.7, 1.2]). In bf16 or fp32 (``newton_schulz_in_bf16`` says
+    which for a device), returned in ``g``'s dtype."""
     a, b, c = NS_COEFFS
-    x = g.bfloat16() if (g.is_cuda if bf16 is None else bf16) else g.float()
+    x = g.bfloat16() if bf16 else g.float()
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
@@ -61,8 +60,9 @@ def muon_params(model: nn.Module) -> set[int]:
 
 
 def newton_schulz_in_bf16(device: torch.device, bf16_cpu: bool) -> bool:
-    """Whether Muon orthogonalizes in bf16 on ``device``: always on CUDA, on the CPU with
-    ``bf16_cpu`` (``train.muon_bf16_cpu``), never elsewhere."""
+    """Whether Muon orthogonalizes in bf16 on ``device``: always on CUDA, as the reference
+    does; on the CPU with ``bf16_cpu`` (``train.muon_bf16_cpu``: a CPU without native bf16
+    runs bf16 matmuls 10x slower); never elsewhere."""
     return device.type == "cuda" or (bf16_cpu and device.type == "cpu")
 
 

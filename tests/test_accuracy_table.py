@@ -56,14 +56,9 @@ def test_row_names_the_recipe_keys_that_differ_from_the_defaults(tmp_path, monke
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"] = "airbench"
     raw["models"]["airbench"].update(lookahead=0.95, augment="crop_altflip", cutout=8)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    (tmp_path / "metrics").mkdir()
     train = {"val_acc": 0.9, "params": 1972792, "forward_mflops": 236.3, "epochs": 10}
-    (tmp_path / "metrics" / "train.json").write_text(json.dumps(train))
-    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.9}))
-    (tmp_path / "logs").mkdir()
     timing = {"train_seconds": 60, "autocast": "bf16"}  # a run with train.amp_cpu on
-    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps(timing))
+    _write_run(tmp_path, raw, train, 0.9, timing)
     monkeypatch.chdir(tmp_path)
     main([])
     line = capsys.readouterr().out.strip()
@@ -82,14 +77,9 @@ def test_row_names_muons_bf16_newton_schulz_only_when_the_run_used_it(
 ):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"] = "resnet9"  # its recipe is Muon's
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    (tmp_path / "metrics").mkdir()
     train = {"val_acc": 0.92, "params": 6573120, "forward_mflops": 758.5, "epochs": 10}
-    (tmp_path / "metrics" / "train.json").write_text(json.dumps(train))
-    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"test_acc": 0.91}))
-    (tmp_path / "logs").mkdir()
     timing = {"train_seconds": 60, "autocast": "bf16", "newton_schulz": newton_schulz}
-    (tmp_path / "logs" / "train_timing.json").write_text(json.dumps(timing))
+    _write_run(tmp_path, raw, train, 0.91, timing)
     monkeypatch.chdir(tmp_path)
     main([])
     recipe = capsys.readouterr().out.strip().split(" | ")[7]
@@ -100,3 +90,13 @@ def test_row_names_muons_bf16_newton_schulz_only_when_the_run_used_it(
         else "tta flip_translate bf16 autocast"
     )
     assert recipe.endswith(suffix)
+
+
+def _write_run(root, params: dict, train: dict, test_acc: float, timing: dict) -> None:
+    """A finished run's params.yaml, metrics and timing log under ``root``."""
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "metrics").mkdir()
+    (root / "metrics" / "train.json").write_text(json.dumps(train))
+    (root / "metrics" / "eval.json").write_text(json.dumps({"test_acc": test_acc}))
+    (root / "logs").mkdir()
+    (root / "logs" / "train_timing.json").write_text(json.dumps(timing))

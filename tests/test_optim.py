@@ -16,7 +16,7 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("bf16", [None, True])  # None: fp32 on the CPU
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("shape", [(50, 200), (200, 50), (32, 128)])
 def test_newton_schulz_pushes_every_singular_value_toward_one(shape, bf16):
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
