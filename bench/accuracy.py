@@ -49,6 +49,11 @@ def row(command: str) -> tuple[str, str]:
             if t.optimizer == "sgd" and t.momentum != default.momentum
             else ""
         )
+        + (
+            f" momentum {t.muon_momentum:g}"
+            if t.optimizer == "muon" and t.muon_momentum != default.muon_momentum
+            else ""
+        )
         + (" wd on norm/bias" if t.decay_norm_bias else "")
         + (f" norm lr x{t.norm_lr_scale:g}" if t.norm_lr_scale != 1 else "")
         + f" {t.scheduler}"

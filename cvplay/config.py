@@ -82,6 +82,9 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True  # sgd only
+    # optimizer muon: the Nesterov momentum of the hidden matrices (Muon's default 0.95;
+    # airbench94_muon: 0.6 at batch 2000). The AdamW parameters keep their betas.
+    muon_momentum: float = 0.95  # cvplay.optim.MUON_MOMENTUM (not imported: torch)
     # Weight decay on BatchNorm/LayerNorm weights and on biases too (False: on weights of
     # convolutions and linear layers only, the usual choice).
     decay_norm_bias: bool = False
@@ -318,6 +321,11 @@ def validate(params: Params) -> Params:
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _check(
+        0 <= t.muon_momentum < 1,
+        "train.muon_momentum",
+        f"must be in [0, 1) (Muon's default: 0.95), got {t.muon_momentum}",
+    )
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(0 < t.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)")
     _check(t.plateau_patience >= 0, "train.plateau_patience", "must be >= 0")

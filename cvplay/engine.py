@@ -139,7 +139,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True) -> to
                 ps = [p for p in g["params"] if (id(p) in matrices) == use_muon]
                 if ps:
                     split.append({**g, "params": ps, "use_muon": use_muon})
-        return MuonAdamW(split, lr=cfg.lr, bf16_cpu=cfg.muon_bf16_cpu)
+        return MuonAdamW(split, lr=cfg.lr, momentum=cfg.muon_momentum, bf16_cpu=cfg.muon_bf16_cpu)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 

@@ -92,6 +92,21 @@ def test_row_names_muons_bf16_newton_schulz_only_when_the_run_used_it(
     assert recipe.endswith(suffix)
 
 
+@pytest.mark.parametrize(("momentum", "named"), [(0.95, ""), (0.9, " momentum 0.9")])
+def test_row_names_muons_momentum_only_when_it_is_not_the_default(
+    momentum, named, tmp_path, monkeypatch, capsys
+):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"] = "preactresnet18"
+    raw["models"]["preactresnet18"]["muon_momentum"] = momentum
+    train = {"val_acc": 0.92, "params": 11172170, "forward_mflops": 1110.8, "epochs": 10}
+    _write_run(tmp_path, raw, train, 0.91, {"train_seconds": 60, "newton_schulz": "fp32"})
+    monkeypatch.chdir(tmp_path)
+    main([])
+    recipe = capsys.readouterr().out.strip().split(" | ")[7]
+    assert recipe.startswith(f"muon lr 0.004 wd 0.05{named} onecycle bs 128")
+
+
 def _write_run(root, params: dict, train: dict, test_acc: float, timing: dict) -> None:
     """A finished run's params.yaml, metrics and timing log under ``root``."""
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -86,6 +86,10 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
             "train.lookahead: must be in [0, 1) (0 = off; airbench: 0.95), got -0.5",
         ),
         (
+            lambda p: p["train"].update(muon_momentum=1.0),
+            "train.muon_momentum: must be in [0, 1) (Muon's default: 0.95), got 1.0",
+        ),
+        (
             lambda p: p["train"].update(augment="crop_altflip", loader="folder"),
             "train.augment: crop_altflip needs train.loader: packed",
         ),

@@ -7,7 +7,7 @@ from torch import nn
 from cvplay.config import TrainConfig
 from cvplay.engine import fit, make_optimizer, make_schedule, set_seed
 from cvplay.models import build_model
-from cvplay.optim import MuonAdamW, muon_params, newton_schulz
+from cvplay.optim import MUON_MOMENTUM, MuonAdamW, muon_params, newton_schulz
 from cvplay.resume import ResumeStore
 
 
@@ -85,6 +85,33 @@ def test_train_muon_bf16_cpu_reaches_the_optimizer():
         opt.step()
         after[flag] = [p.detach().clone() for p in model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(after[False], after[True], strict=True))
+
+
+def test_train_muon_momentum_reaches_the_hidden_matrices_as_torch_muons_momentum():
+    assert TrainConfig().muon_momentum == MUON_MOMENTUM  # config.py cannot import torch
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 32) for _ in range(3)]  # one step alone: same direction at any m
+    moved = {}
+    for momentum in (0.6, MUON_MOMENTUM):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 64), nn.Linear(64, 10))
+        hidden = model[1].weight
+        ref_w = nn.Parameter(hidden.detach().clone())
+        opt = make_optimizer(model, _cfg(muon_momentum=momentum))
+        assert [g["momentum"] for g in opt.param_groups if g["use_muon"]] == [momentum]
+        ref = torch.optim.Muon(
+            [ref_w], lr=0.01, weight_decay=0.05, momentum=momentum, adjust_lr_fn="match_rms_adamw"
+        )
+        start = hidden.detach().clone()
+        for g in grads:  # only the hidden matrix has a gradient: Muon's steps alone
+            hidden.grad, ref_w.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+        moved[momentum] = hidden.detach() - start
+        ref_moved = ref_w.detach() - start
+        # torch.optim.Muon orthogonalizes in bf16, this in fp32: 1.3% apart
+        assert (moved[momentum] - ref_moved).norm() < 0.03 * ref_moved.norm()
+    assert (moved[0.6] - moved[MUON_MOMENTUM]).norm() > 0.1 * moved[0.6].norm()
 
 
 def test_muon_conv_filters_step_as_their_flattened_matrix():
