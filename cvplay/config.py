@@ -324,7 +324,7 @@ def validate(params: Params) -> Params:
     _check(
         0 <= t.muon_momentum < 1,
         "train.muon_momentum",
-        f"must be in [0, 1) (Muon's default: 0.95), got {t.muon_momentum}",
+        f"must be in [0, 1) (Muon's default: {TrainConfig.muon_momentum}), got {t.muon_momentum}",
     )
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(0 < t.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)")
