@@ -153,8 +153,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    # BatchNorm in the conv models (ignored by mlp, which has no conv layers).
+    # BatchNorm in simplecnn, simpleresnet and minivgg (build_model refuses a key the model
+    # does not take unless it is at its default).
     use_bn: bool = True
+    # simpleresnet and preactresnet18: each residual branch's last layer (BN scale, or
+    # conv) starts at zero, so every block starts as its shortcut.
+    zero_init_residual: bool = False
 
 
 @dataclass(frozen=True)

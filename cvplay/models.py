@@ -9,6 +9,7 @@ builder only the ``model_args`` it declares (``use_bn`` means nothing to the MLP
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cvplay.config import ModelArgs
 from cvplay.errors import CvplayError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -43,9 +45,23 @@ def build_model(name: str, *, num_classes: int, model_args: dict[str, Any]) -> n
         valid = ", ".join(sorted(MODELS))
         raise CvplayError(f"params.yaml: model: unknown model {name!r}; choose one of: {valid}")
     builder = MODELS[name]
-    accepted = inspect.signature(builder).parameters
+    accepted = _params(builder)
+    # A model_args.* key set away from its default that this model ignores is a mistake (a
+    # run recorded as "zero_init_residual: true" that did not use it), so refuse it.
+    for f in dataclasses.fields(ModelArgs):
+        value = model_args.get(f.name, f.default)
+        if f.name not in accepted and value != f.default:
+            takers = ", ".join(m for m in sorted(MODELS) if f.name in _params(MODELS[m]))
+            raise CvplayError(
+                f"params.yaml: model_args.{f.name}: model {name!r} has no such option (it is "
+                f"for {takers}); set it back to {str(f.default).lower()}"
+            )
     kwargs = {k: v for k, v in model_args.items() if k in accepted}
     return builder(num_classes=num_classes, **kwargs)
+
+
+def _params(builder: Callable[..., nn.Module]) -> Any:
+    return inspect.signature(builder).parameters
 
 
 def _conv_bn_relu(c_in: int, c_out: int, use_bn: bool, stride: int = 1) -> list[nn.Module]:
@@ -105,10 +121,20 @@ class SimpleCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def _zero_(module: nn.Module) -> None:
+    """Zero a residual branch's last layer (BN scale or conv), so the block starts as its
+    shortcut (Goyal et al. 2017, "zero gamma"); its gradient is not zero, so it learns."""
+    nn.init.zeros_(module.weight)
+    if isinstance(module, nn.Conv2d) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class ResidualBlock(nn.Module):
     """Two 3x3 convs with an identity shortcut (1x1 conv when shape changes)."""
 
-    def __init__(self, c_in: int, c_out: int, *, stride: int, use_bn: bool):
+    def __init__(
+        self, c_in: int, c_out: int, *, stride: int, use_bn: bool, zero_init: bool = False
+    ):
         super().__init__()
         self.body = nn.Sequential(
             *_conv_bn_relu(c_in, c_out, use_bn, stride=stride),
@@ -122,6 +148,8 @@ class ResidualBlock(nn.Module):
                 *([nn.BatchNorm2d(c_out)] if use_bn else []),
             )
         self.relu = nn.ReLU(inplace=True)
+        if zero_init:
+            _zero_(self.body[-1])
 
     def forward(self, x):
         return self.relu(self.body(x) + self.shortcut(x))
@@ -136,7 +164,13 @@ class SimpleResNet(nn.Module):
     """
 
     def __init__(
-        self, *, num_classes: int, use_bn: bool = True, widths=(64, 128, 256), blocks: int = 2
+        self,
+        *,
+        num_classes: int,
+        use_bn: bool = True,
+        widths=(64, 128, 256),
+        blocks: int = 2,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn_relu(3, widths[0], use_bn))
@@ -145,7 +179,11 @@ class SimpleResNet(nn.Module):
         for i, c_out in enumerate(widths):
             for b in range(blocks):
                 stride = 2 if (i > 0 and b == 0) else 1
-                stages.append(ResidualBlock(c_in, c_out, stride=stride, use_bn=use_bn))
+                stages.append(
+                    ResidualBlock(
+                        c_in, c_out, stride=stride, use_bn=use_bn, zero_init=zero_init_residual
+                    )
+                )
                 c_in = c_out
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -193,8 +231,12 @@ def simplecnn(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
 
 
 @register("simpleresnet")
-def simpleresnet(*, num_classes: int = 10, use_bn: bool = True) -> nn.Module:
-    return SimpleResNet(num_classes=num_classes, use_bn=use_bn)
+def simpleresnet(
+    *, num_classes: int = 10, use_bn: bool = True, zero_init_residual: bool = False
+) -> nn.Module:
+    return SimpleResNet(
+        num_classes=num_classes, use_bn=use_bn, zero_init_residual=zero_init_residual
+    )
 
 
 @register("minivgg")
@@ -221,7 +263,7 @@ def resnet18_finetune(*, num_classes: int = 10, weights: str = "none", image_siz
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al. 2016): BN-ReLU-conv twice, identity shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, zero_init: bool = False):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
@@ -230,6 +272,8 @@ class PreActBlock(nn.Module):
         self.shortcut = None
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+        if zero_init:
+            _zero_(self.conv2)
 
     def forward(self, x):
         out = torch.relu(self.bn1(x))
@@ -242,13 +286,16 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     """PreAct ResNet-18 for 32x32 inputs: 3x3 stem, four stages of two blocks (64-512)."""
 
-    def __init__(self, *, num_classes: int, widths=(64, 128, 256, 512)):
+    def __init__(
+        self, *, num_classes: int, widths=(64, 128, 256, 512), zero_init_residual: bool = False
+    ):
         super().__init__()
         self.stem = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         blocks, c_in = [], widths[0]
         for i, c_out in enumerate(widths):
             for b in range(2):
-                blocks.append(PreActBlock(c_in, c_out, stride=2 if i > 0 and b == 0 else 1))
+                stride = 2 if i > 0 and b == 0 else 1
+                blocks.append(PreActBlock(c_in, c_out, stride, zero_init=zero_init_residual))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(c_in)
@@ -418,12 +465,14 @@ class ViT(nn.Module):
 
 
 @register("preactresnet18")
-def preactresnet18(*, num_classes: int = 10) -> nn.Module:
-    return PreActResNet18(num_classes=num_classes)
+def preactresnet18(*, num_classes: int = 10, zero_init_residual: bool = False) -> nn.Module:
+    return PreActResNet18(num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
 @register("resnet9")
 def resnet9(*, num_classes: int = 10) -> nn.Module:
+    # No zero_init_residual: its branches end in a ReLU, whose gradient at 0 is 0, so a
+    # branch started at zero would stay there.
     return ResNet9(num_classes=num_classes)
 
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +8,8 @@ from cvplay.errors import CvplayError
 from cvplay.models import (
     MODEL_INPUTS,
     MODELS,
+    PreActBlock,
+    ResidualBlock,
     ViT,
     build_model,
     count_parameters,
@@ -21,8 +25,12 @@ def example_input(name: str, n: int = 4) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("use_bn", [True, False])
+WITHOUT_BN = ["minivgg", "simplecnn", "simpleresnet"]  # the models that take use_bn
+
+
+@pytest.mark.parametrize(
+    "name, use_bn", [(n, True) for n in sorted(MODELS)] + [(n, False) for n in WITHOUT_BN]
+)
 def test_every_model_forwards_and_steps(name, use_bn):
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, model_args={"use_bn": use_bn})
@@ -39,7 +47,7 @@ def test_every_model_forwards_and_steps(name, use_bn):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("name", ["simplecnn", "simpleresnet", "minivgg"])
+@pytest.mark.parametrize("name", WITHOUT_BN)
 def test_use_bn_switches_batchnorm_in_conv_models(name):
     with_bn = build_model(name, num_classes=10, model_args={"use_bn": True})
     without = build_model(name, num_classes=10, model_args={"use_bn": False})
@@ -65,6 +73,28 @@ def test_registry_refuses_duplicates_and_names_valid_models():
         build_model("vgg99", num_classes=10, model_args={})
 
 
+@pytest.mark.parametrize(
+    "name, key, value, message",
+    [
+        (
+            "resnet9",
+            "zero_init_residual",
+            True,
+            "for preactresnet18, simpleresnet); set it back to false",
+        ),
+        ("vit_tiny", "use_bn", False, "for minivgg, simplecnn, simpleresnet); set it back to true"),
+    ],
+)
+def test_a_model_arg_the_model_ignores_is_refused_unless_left_at_its_default(
+    name, key, value, message
+):
+    expected = f"params.yaml: model_args.{key}: model {name!r} has no such option (it is {message}"
+    with pytest.raises(CvplayError, match=re.escape(expected)):
+        build_model(name, num_classes=10, model_args={key: value})
+    defaults = {"use_bn": True, "zero_init_residual": False, "hidden": 256}
+    assert build_model(name, num_classes=10, model_args=defaults)(torch.zeros(1, 3, 32, 32)).shape
+
+
 def test_simplecnn_stays_three_conv_bn_relu_blocks_and_a_linear_head():
     model = build_model("simplecnn", num_classes=10, model_args={"use_bn": True})
     kinds = [type(m).__name__ for m in model.modules() if not list(m.children())]
@@ -88,6 +118,44 @@ def test_next_step_models_have_their_published_shapes():
     vit = build("vit_tiny")
     assert vit.patch.kernel_size == (4, 4) and vit.pos.shape == (1, 8 * 8 + 1, 192)
     assert len(vit.encoder.layers) == 6
+
+
+def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a residual block computes without its branch."""
+    if isinstance(block, ResidualBlock):
+        return torch.relu(block.shortcut(x))
+    return x if block.shortcut is None else block.shortcut(torch.relu(block.bn1(x)))
+
+
+@pytest.mark.parametrize(
+    "name, use_bn, blocks",
+    [("simpleresnet", True, 6), ("simpleresnet", False, 6), ("preactresnet18", True, 8)],
+)
+def test_zero_init_residual_starts_each_block_as_its_shortcut_and_still_learns(
+    name, use_bn, blocks
+):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for zero in (True, False):
+        torch.manual_seed(0)
+        args = {"use_bn": use_bn, "zero_init_residual": zero}
+        model = build_model(name, num_classes=10, model_args=args).eval()
+        seen: list = []
+
+        def record(m, i, o, seen=seen):
+            seen.append((m, i[0].clone(), o.clone()))
+
+        for m in model.modules():
+            if isinstance(m, (ResidualBlock, PreActBlock)):
+                m.register_forward_hook(record)
+        out = model(x)
+        assert len(seen) == blocks
+        same = [torch.allclose(o, _shortcut(m, i), atol=1e-6) for m, i, o in seen]
+        assert all(same) if zero else not any(same)
+        # the zeroed layers (one weight per block) get a gradient, so the branches learn
+        zeroed = [p for n, p in model.named_parameters() if n.endswith("weight") and not p.any()]
+        assert len(zeroed) == (blocks if zero else 0)
+        nn.functional.cross_entropy(out, torch.arange(4)).backward()
+        assert all(p.grad.abs().sum() > 0 for p in zeroed)
 
 
 def test_forward_flops_matches_the_hand_count_and_leaves_the_model_alone():
