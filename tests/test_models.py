@@ -25,11 +25,11 @@ def example_input(name: str, n: int = 4) -> torch.Tensor:
     )
 
 
-WITHOUT_BN = ["minivgg", "simplecnn", "simpleresnet"]  # the models that take use_bn
+TAKE_USE_BN = ["minivgg", "simplecnn", "simpleresnet"]  # the models that take use_bn
 
 
 @pytest.mark.parametrize(
-    "name, use_bn", [(n, True) for n in sorted(MODELS)] + [(n, False) for n in WITHOUT_BN]
+    "name, use_bn", [(n, True) for n in sorted(MODELS)] + [(n, False) for n in TAKE_USE_BN]
 )
 def test_every_model_forwards_and_steps(name, use_bn):
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_every_model_forwards_and_steps(name, use_bn):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("name", WITHOUT_BN)
+@pytest.mark.parametrize("name", TAKE_USE_BN)
 def test_use_bn_switches_batchnorm_in_conv_models(name):
     with_bn = build_model(name, num_classes=10, model_args={"use_bn": True})
     without = build_model(name, num_classes=10, model_args={"use_bn": False})
