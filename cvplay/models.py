@@ -4,7 +4,8 @@ ResNet18 transfer models. A model that sets layers from the training data before
 (airbench's whitening conv) has a ``data_init(images)`` method; the train stage calls it.
 
 Builders take keyword-only arguments and always ``num_classes``; ``build_model`` passes a
-builder only the ``model_args`` it declares (``use_bn`` means nothing to the MLP).
+builder only the ``model_args`` it declares (``use_bn`` means nothing to the MLP) and
+refuses one it does not declare that is set away from its default.
 """
 
 from __future__ import annotations
