@@ -11,6 +11,7 @@ it. Nothing here trains: the figures are whatever the run measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import re
@@ -18,7 +19,13 @@ import sys
 from pathlib import Path
 
 from cvplay import paths
-from cvplay.config import CROP_AUGMENTS, WARMUP_SCHEDULERS, TrainConfig, load_params
+from cvplay.config import (
+    CROP_AUGMENTS,
+    WARMUP_SCHEDULERS,
+    ModelArgs,
+    TrainConfig,
+    load_params,
+)
 from cvplay.engine import machine, tta_views
 
 ACCURACY = Path(__file__).with_name("ACCURACY.md")
@@ -31,6 +38,15 @@ BEGIN, END = "<!-- rows -->", "<!-- /rows -->"
 
 def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def model_args(args: ModelArgs) -> str:
+    """The ``model_args`` keys set away from their defaults, as params.yaml spells them."""
+    return "".join(
+        f" {f.name} {str(value).lower() if isinstance(value, bool) else value}"
+        for f in dataclasses.fields(args)
+        if (value := getattr(args, f.name)) != f.default
+    )
 
 
 def row(command: str) -> tuple[str, str]:
@@ -68,6 +84,7 @@ def row(command: str) -> tuple[str, str]:
         + (f" pad {t.crop_padding}" if crop else "")
         + (f" {t.crop_pad_mode}" if crop and t.crop_pad_mode != "zeros" else "")
         + (f" cutout {t.cutout}" if t.cutout else "")
+        + model_args(params.model_args)
         + (f" tta {tta}" if tta != "none" else "")
         # what the run did on its device (train.amp on CUDA, train.amp_cpu on the CPU)
         + (" bf16 autocast" if timing.get("autocast") == "bf16" else "")

@@ -107,6 +107,29 @@ def test_row_names_muons_momentum_only_when_it_is_not_the_default(
     assert recipe.startswith(f"muon lr 0.004 wd 0.05{named} onecycle bs 128")
 
 
+@pytest.mark.parametrize(
+    ("model_args", "named"),
+    [
+        ({}, ""),
+        ({"zero_init_residual": True}, " zero_init_residual true"),
+        ({"use_bn": False, "zero_init_residual": True}, " use_bn false zero_init_residual true"),
+    ],
+)
+def test_row_names_the_model_args_set_away_from_their_defaults(
+    model_args, named, tmp_path, monkeypatch, capsys
+):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"] = "simpleresnet"
+    raw["model_args"].update(model_args)
+    train = {"val_acc": 0.91, "params": 1, "forward_mflops": 1.0, "epochs": 10}
+    _write_run(tmp_path, raw, train, 0.9, {"train_seconds": 60})
+    monkeypatch.chdir(tmp_path)
+    main([])
+    recipe = capsys.readouterr().out.strip().split(" | ")[7]
+    # a run with zero-initialised residual branches (or no BatchNorm) says so in its row
+    assert recipe.endswith(f"pad 2 reflect{named} tta flip_translate")
+
+
 def _write_run(root, params: dict, train: dict, test_acc: float, timing: dict) -> None:
     """A finished run's params.yaml, metrics and timing log under ``root``."""
     (root / "params.yaml").write_text(yaml.safe_dump(params))
