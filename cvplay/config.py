@@ -34,7 +34,8 @@ class ConfigError(CvplayError):
 
 
 SCHEDULERS = ("onecycle", "cosine", "triangle", "plateau", "none")
-WARMUP_SCHEDULERS = ("cosine", "triangle")  # the ones that read train.warmup_epochs
+WARMUP_SCHEDULERS = ("onecycle", "cosine", "triangle")  # the ones that read train.warmup_epochs
+ONECYCLE_WARMUP = 0.25  # onecycle's rise when train.warmup_epochs is null: this x epochs
 AUGMENTS = ("crop_flip", "crop_altflip", "flip", "none")
 CROP_AUGMENTS = ("crop_flip", "crop_altflip")  # the ones that random-crop
 PAD_MODES = ("zeros", "reflect")  # cvplay.loaders.PAD_MODES (not imported: torchvision)
@@ -93,9 +94,11 @@ class TrainConfig:
     # it, so that the decay per step stays lr x weight_decay.
     norm_lr_scale: float = 1.0
     scheduler: str = "onecycle"
-    # cosine: linear warm-up from 0 over this many epochs, then cosine to 0; triangle: linear
-    # from 0.2 x lr over this many epochs, then linear to 0 (airbench's).
-    warmup_epochs: float = 0.0
+    # onecycle: the rise from lr / 25 to lr takes this many epochs (None: ONECYCLE_WARMUP x
+    # epochs), then cosine to lr / 25e4; cosine: linear warm-up from 0 over this many epochs
+    # (None: 0), then cosine to 0; triangle: linear from 0.2 x lr over this many epochs
+    # (None: 0), then linear to 0 (airbench's).
+    warmup_epochs: float | None = None
     # ReduceLROnPlateau settings (scheduler: plateau), on val loss as in the notebook.
     plateau_factor: float = 0.5
     plateau_patience: int = 1
@@ -149,6 +152,12 @@ class TrainConfig:
     # >1: run the train stage as this many processes under torchrun (DDP; gloo on CPU,
     # NCCL on GPU); batch_size stays the global batch and must divide evenly.
     nproc: int = 1
+
+    def warmup(self) -> float:
+        """The warm-up epochs the scheduler uses: train.warmup_epochs, or its default."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return ONECYCLE_WARMUP * self.epochs if self.scheduler == "onecycle" else 0.0
 
 
 @dataclass(frozen=True)
@@ -277,8 +286,17 @@ def _build(cls: type, raw: Any, where: str = "") -> Any:
             continue
         if not _matches(value, tp):
             raise _type_error(path, tp, value)
-        kwargs[key] = float(value) if tp is float else value
+        kwargs[key] = _coerce(value, tp)
     return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML writes 1 for 1.0: an int for a float or float | None key (not int | float)
+    becomes a float."""
+    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    args = typing.get_args(tp) if union else (tp,)
+    is_float = float in args and int not in args
+    return float(value) if is_float and isinstance(value, int) else value
 
 
 def _choice(value: str, valid: tuple[str, ...] | list[str], key: str) -> None:
@@ -356,13 +374,19 @@ def validate(params: Params) -> Params:
         f"must be between 0 (off) and data.image_size - 1 = {d.image_size - 1} (pixels),"
         f" got {t.cutout}",
     )
-    _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     _check(t.norm_lr_scale > 0, "train.norm_lr_scale", f"must be > 0, got {t.norm_lr_scale}")
-    _check(
-        t.warmup_epochs < t.epochs or t.scheduler not in WARMUP_SCHEDULERS,
-        "train.warmup_epochs",
-        f"{t.warmup_epochs} must be less than train.epochs={t.epochs}",
-    )
+    if t.warmup_epochs is not None:
+        _check(t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0 (null = the default)")
+        _check(
+            t.warmup_epochs < t.epochs or t.scheduler not in WARMUP_SCHEDULERS,
+            "train.warmup_epochs",
+            f"{t.warmup_epochs} must be less than train.epochs={t.epochs}",
+        )
+        _check(
+            t.warmup_epochs > 0 or t.scheduler != "onecycle",
+            "train.warmup_epochs",
+            f"onecycle needs a rise: > 0 epochs, or null for {ONECYCLE_WARMUP:g} x train.epochs",
+        )
     _check(0 <= t.ema < 1, "train.ema", f"must be in [0, 1) (0 = off), got {t.ema}")
     _check(
         0 <= t.lookahead < 1,
@@ -413,7 +437,7 @@ def _partial(cls: type, raw: Any, where: str) -> dict[str, Any]:
         tp = hints[key]
         if not _matches(value, tp):
             raise _type_error(path, tp, value)
-        out[key] = float(value) if tp is float else value
+        out[key] = _coerce(value, tp)
     return out
 
 

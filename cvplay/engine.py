@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cvplay.config import WARMUP_SCHEDULERS, Params, TrainConfig
+from cvplay.config import Params, TrainConfig
 from cvplay.distributed import reduce_sum
 from cvplay.io import save_torch
 from cvplay.models import MODEL_INPUTS
@@ -173,12 +173,12 @@ def make_schedule(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=cfg.epochs * steps_per_epoch,
-            pct_start=0.25,
+            pct_start=cfg.warmup() / cfg.epochs,
         )
         return Schedule(sched, per_batch=True)
-    if cfg.scheduler in WARMUP_SCHEDULERS:
+    if cfg.scheduler in ("cosine", "triangle"):
         total = cfg.epochs * steps_per_epoch
-        warm = round(cfg.warmup_epochs * steps_per_epoch)
+        warm = round(cfg.warmup() * steps_per_epoch)
         shape = _warmup_cosine if cfg.scheduler == "cosine" else _triangle
         return Schedule(
             torch.optim.lr_scheduler.LambdaLR(optimizer, partial(shape, warm, total)),

@@ -124,6 +124,14 @@ def test_editing_one_recipe_leaves_other_models_unchanged():
             lambda p: p["train"].update(scheduler="triangle", warmup_epochs=12),
             "train.warmup_epochs: 12.0 must be less than train.epochs=10",
         ),
+        (
+            lambda p: p["models"]["simplecnn"].update(warmup_epochs=0),
+            "train.warmup_epochs: onecycle needs a rise: > 0 epochs, or null for 0.25 x train.ep",
+        ),
+        (
+            lambda p: p["train"].update(warmup_epochs=-1),
+            "train.warmup_epochs: must be >= 0 (null = the default)",
+        ),
         (lambda p: p["train"].update(norm_lr_scale=0), "train.norm_lr_scale: must be > 0, got 0"),
         (lambda p: p["train"].update(lr=0), "train.lr: must be > 0"),
         (lambda p: p["train"].update(batch_size=0), "train.batch_size: must be >= 1"),
@@ -168,9 +176,11 @@ def test_choices_list_every_registered_model():
 def test_ints_are_accepted_for_floats_and_fraction_val_split():
     raw = real_params()
     raw["train"]["lr"] = 1
+    raw["train"]["warmup_epochs"] = 2  # float | None
     raw["data"]["val_split"] = 0.1
     params = parse_params(raw)
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params.train.warmup_epochs == 2.0 and isinstance(params.train.warmup_epochs, float)
     assert params.data.val_split == 0.1
 
 

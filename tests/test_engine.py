@@ -184,6 +184,17 @@ def test_onecycle_steps_per_batch_and_ends_near_zero():
     assert lrs[-1] < 0.02 * max(lrs)
 
 
+def test_onecycle_rises_over_warmup_epochs_default_a_quarter_of_the_run():
+    # 4 epochs of 10 steps: the default rise is 10 steps, warmup_epochs=2 makes it 20
+    for warmup, peak in ((None, 9), (2, 19), (0.5, 4)):
+        cfg = _cfg(scheduler="onecycle", epochs=4, warmup_epochs=warmup)
+        lrs, _ = _lr_trace(cfg, steps_per_epoch=10, n=40)
+        assert lrs[0] == pytest.approx(0.1 / 25)
+        assert lrs.index(max(lrs)) == peak and max(lrs) == pytest.approx(0.1)
+        assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))
+        assert all(a > b for a, b in itertools.pairwise(lrs[peak:]))
+
+
 def test_fit_keeps_best_and_last_checkpoints_with_config(tmp_path):
     set_seed(0)
     model = nn.Linear(8, 4)
