@@ -480,9 +480,14 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 def params_from_dict(resolved: dict[str, Any]) -> Params:
     """Rebuild Params from a checkpoint's saved config (same validation).
 
-    Checkpoints from before ``eval.tta`` had choices stored a bool: true meant flip.
+    Checkpoints from before ``eval.tta`` had choices stored a bool: true meant flip. Those
+    from before onecycle read ``train.warmup_epochs`` stored 0.0 with it, which meant its
+    fixed rise of ONECYCLE_WARMUP x epochs: now null.
     """
     tta = resolved.get("eval", {}).get("tta")
     if isinstance(tta, bool):
         resolved = {**resolved, "eval": {**resolved["eval"], "tta": "flip" if tta else "none"}}
+    train = resolved.get("train", {})
+    if train.get("scheduler") == "onecycle" and train.get("warmup_epochs") == 0:
+        resolved = {**resolved, "train": {**train, "warmup_epochs": None}}
     return parse_params(resolved)

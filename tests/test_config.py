@@ -198,3 +198,12 @@ def test_checkpoints_that_stored_tta_as_a_bool_still_load():
     for stored, views in ((True, "flip"), (False, "none")):
         raw["eval"]["tta"] = stored
         assert params_from_dict(raw).eval.tta == views
+
+
+def test_checkpoints_from_before_onecycle_read_warmup_epochs_still_load():
+    # they stored the old default 0.0, which onecycle ignored (its rise was always 0.25)
+    raw = real_params()
+    raw["train"].update(scheduler="onecycle", warmup_epochs=0.0)
+    assert params_from_dict(raw).train.warmup() == 2.5
+    raw["train"].update(scheduler="cosine")
+    assert params_from_dict(raw).train.warmup() == 0.0
